@@ -1,0 +1,72 @@
+"""What every strategy shares: per-group learning rates, freezing, and eval-mode for frozen parts."""
+from __future__ import annotations
+
+from typing import Dict, List, Sequence
+
+from torch import nn
+
+from trainables.models import Backbone
+from trainables.registry import Registry
+
+
+class Strategy:
+    """Decides, epoch by epoch, which layer groups train and at which learning rate.
+
+    Group indices count along ``backbone.groups`` (stem = 0, head = last). The learning rate of a
+    group at depth ``d`` below the head (head: d = 0) is ``group_lrs[d]`` when the config gives an
+    explicit list, else ``lr * lr_decay ** d`` (layer-wise decay, as in ULMFiT / BEiT).
+    """
+
+    def __init__(self, backbone: Backbone, cfg: dict, lr: float):
+        self.backbone, self.cfg, self.base_lr = backbone, cfg, lr
+        self.num_groups = len(backbone.groups)
+        lrs = cfg.get("group_lrs")
+        # Only the groups that train need a value: group_lr checks the length when asked.
+        self._explicit = list(lrs) if lrs is not None else None
+
+    def trainable_groups(self, epoch: int) -> List[int]:
+        """Indices of the groups that train during ``epoch`` (1-based)."""
+        raise NotImplementedError
+
+    def group_lr(self, index: int) -> float:
+        depth = self.num_groups - 1 - index
+        if self._explicit is not None:
+            if depth >= len(self._explicit):
+                raise ValueError(
+                    f"strategy.group_lrs has {len(self._explicit)} values (head first) but group "
+                    f"{self.backbone.groups[index].name!r} is {depth} below the head"
+                )
+            return float(self._explicit[depth])
+        return self.base_lr * float(self.cfg.get("lr_decay", 1.0)) ** depth
+
+    def apply(self, model: nn.Module, epoch: int) -> List[int]:
+        """Set ``requires_grad`` for ``epoch`` and return the trainable group indices."""
+        train = set(self.trainable_groups(epoch))
+        named = dict(model.named_parameters())
+        for i, g in enumerate(self.backbone.groups):
+            for p in g.params:
+                named[p].requires_grad_(i in train)
+        return sorted(train)
+
+    def param_groups(self, model: nn.Module, indices: Sequence[int]) -> List[Dict]:
+        named = dict(model.named_parameters())
+        return [
+            {"params": [named[p] for p in self.backbone.groups[i].params], "lr": self.group_lr(i),
+             "name": self.backbone.groups[i].name}
+            for i in indices
+        ]
+
+
+def freeze_frozen_modules(model: nn.Module) -> None:
+    """Put every module whose parameters are all frozen in eval mode.
+
+    A frozen group is a fixed feature extractor: its batch-norm keeps the pretrained running
+    statistics and its dropout / stochastic depth is off. Call after ``model.train()``.
+    """
+    for _, m in model.named_modules():
+        params = list(m.parameters())
+        if params and not any(p.requires_grad for p in params):
+            m.eval()
+
+
+STRATEGIES: Registry[type] = Registry("strategy")

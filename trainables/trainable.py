@@ -1,0 +1,210 @@
+"""One trial: fine-tune a backbone on a data set, epoch by epoch, with checkpoints.
+
+``FineTuneTrial`` runs without Ray (tests, benchmarks); ``train_trial`` is the thin entry
+function Ray Tune calls. Metric keys are namespaced (``train/loss``, ``val/acc``) and are the
+same in Ray Tune, ASHA / Optuna and MLflow.
+"""
+from __future__ import annotations
+
+import random
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Dict, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from trainables.data import build_data
+from trainables.models import build_backbone
+from trainables.optim import build_optimizer, build_scheduler
+from trainables.strategies import STRATEGIES
+from trainables.strategies.base import freeze_frozen_modules
+
+CHECKPOINT_FILE = "checkpoint.pt"
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("train.device is cuda but no CUDA device is visible to this trial")
+    return torch.device(name)
+
+
+class FineTuneTrial:
+    """Setup, train one epoch, evaluate, save and load: everything one trial does."""
+
+    def __init__(self, config: dict):
+        self.config = config
+        self.data_cfg, self.model_cfg = config["data"], config["model"]
+        self.strategy_cfg, self.train_cfg = config["strategy"], config["train"]
+        self.epoch = 0
+        self.setup()
+
+    # ------------------------------------------------------------------ setup
+    def setup(self) -> None:
+        t = self.train_cfg
+        seed = int(t.get("seed", 0))
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+        threads = self.config.get("resources", {}).get("cpu")
+        if threads:
+            torch.set_num_threads(max(1, int(threads)))
+        self.device = _device(t.get("device", "auto"))
+        cuda = self.device.type == "cuda"
+        self.amp = bool(t.get("amp", True)) and cuda
+        self.channels_last = bool(t.get("channels_last", True)) and cuda
+
+        self.data = build_data(self.data_cfg)
+        self.backbone = build_backbone(self.model_cfg, self.data.num_classes)
+        self.model = self.backbone.model.to(self.device)
+        if self.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        shape = (1, 3, 1, 1)
+        self.mean = torch.tensor(self.backbone.mean, device=self.device).view(shape)
+        self.std = torch.tensor(self.backbone.std, device=self.device).view(shape)
+
+        self.strategy = STRATEGIES.get(self.strategy_cfg.get("name", "unfreeze_last"))(
+            self.backbone, self.strategy_cfg, float(t["lr"])
+        )
+        self.active_groups = self.strategy.apply(self.model, 1)
+        self.optimizer = build_optimizer(self.strategy.param_groups(self.model, self.active_groups), t)
+        self.scheduler = build_scheduler(self.optimizer, t)
+
+        workers = int(self.data_cfg.get("num_workers", 0))
+        common = dict(num_workers=workers, pin_memory=cuda, persistent_workers=workers > 0)
+        self.generator = torch.Generator().manual_seed(seed)
+        self.loaders = {
+            "train": DataLoader(self.data.train, batch_size=int(t["batch_size"]), shuffle=True,
+                                generator=self.generator, drop_last=False, **common),
+        }
+        eval_bs = int(t.get("eval_batch_size") or 2 * int(t["batch_size"]))
+        for split in ("val", "test"):
+            self.loaders[split] = DataLoader(getattr(self.data, split), batch_size=eval_bs, shuffle=False, **common)
+
+    # ------------------------------------------------------------------ loops
+    def _inputs(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.device, non_blocking=True).float().div_(255.0)
+        x = (x - self.mean) / self.std
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
+
+    def _autocast(self):
+        return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp)
+
+    def train_one_epoch(self) -> Dict[str, float]:
+        self.epoch += 1
+        self.model.train()
+        freeze_frozen_modules(self.model)
+        loss_sum, correct, seen = 0.0, 0, 0
+        start = time.perf_counter()
+        for step, (x, y) in enumerate(self.loaders["train"]):
+            x, y = self._inputs(x), y.to(self.device, non_blocking=True)
+            with self._autocast():
+                logits = self.model(x)
+                loss = F.cross_entropy(logits.float(), y)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(
+                    f"loss is {loss.item()} at epoch {self.epoch}, step {step}: the trial is stopped "
+                    "(lower train.lr, or check the data)"
+                )
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            loss_sum += loss.item() * len(y)
+            correct += (logits.argmax(1) == y).sum().item()
+            seen += len(y)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        elapsed = time.perf_counter() - start
+        lr = self.optimizer.param_groups[-1]["lr"]  # the head's group comes last
+        self.scheduler.step()
+        return {
+            "epoch": self.epoch,
+            "train/loss": loss_sum / max(seen, 1),
+            "train/acc": correct / max(seen, 1),
+            "train/lr": lr,
+            "train/trainable_groups": len(self.active_groups),
+            "images_per_s": seen / max(elapsed, 1e-9),
+        }
+
+    @torch.no_grad()
+    def evaluate(self, split: str = "val") -> Dict[str, float]:
+        self.model.eval()
+        loss_sum, correct, seen = 0.0, 0, 0
+        for x, y in self.loaders[split]:
+            x, y = self._inputs(x), y.to(self.device, non_blocking=True)
+            with self._autocast():
+                logits = self.model(x).float()
+            loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
+            correct += (logits.argmax(1) == y).sum().item()
+            seen += len(y)
+        return {f"{split}/loss": loss_sum / max(seen, 1), f"{split}/acc": correct / max(seen, 1)}
+
+    # ------------------------------------------------------------------ checkpoints
+    def save(self, directory: str) -> None:
+        torch.save(
+            {
+                "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "epoch": self.epoch,
+                "torch_rng": torch.get_rng_state(),
+                "loader_rng": self.generator.get_state(),
+            },
+            Path(directory) / CHECKPOINT_FILE,
+        )
+
+    def load(self, directory: str) -> None:
+        path = Path(directory) / CHECKPOINT_FILE
+        try:
+            state = torch.load(path, map_location=self.device, weights_only=True)
+        except Exception as e:
+            raise RuntimeError(f"checkpoint {path} does not load ({type(e).__name__}: {e})") from e
+        self.model.load_state_dict(state["model"])
+        self.epoch = int(state["epoch"])
+        self.active_groups = self.strategy.apply(self.model, max(self.epoch, 1))
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["torch_rng"].cpu())
+        self.generator.set_state(state["loader_rng"].cpu())
+
+    # ------------------------------------------------------------------ driver
+    def fit(self, report: Callable[[Dict[str, float], Optional[str]], None], checkpoint: bool = True) -> None:
+        """Run the remaining epochs; after each, ``report(metrics, checkpoint_dir_or_None)``.
+
+        The last epoch also carries the test-split metrics (``test/acc``).
+        """
+        epochs = int(self.train_cfg["epochs"])
+        while self.epoch < epochs:
+            metrics = self.train_one_epoch()
+            metrics.update(self.evaluate("val"))
+            if self.epoch == epochs:
+                metrics.update(self.evaluate("test"))
+            if not checkpoint:
+                report(metrics, None)
+                continue
+            with tempfile.TemporaryDirectory(prefix="tl-sweep-ckpt-") as d:
+                self.save(d)
+                report(metrics, d)
+
+
+def train_trial(config: dict) -> None:
+    """Ray Tune entry point: resume from the trial's last checkpoint, then report every epoch."""
+    from ray import tune
+
+    trial = FineTuneTrial(config)
+    ckpt = tune.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            trial.load(d)
+
+    def report(metrics: Dict[str, float], directory: Optional[str]) -> None:
+        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(directory) if directory else None)
+
+    trial.fit(report)
