@@ -1,0 +1,213 @@
+"""The ``tl-sweep`` command: run, validate, ls, show, export."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from orchestrator.spec import SpecError, load_specs
+
+EXIT_INPUT = 2
+err_console = Console(stderr=True)
+
+
+def _fail_input(msg: str) -> None:
+    err_console.print(f"error: {msg}", markup=False, highlight=False)
+    sys.exit(EXIT_INPUT)
+
+
+def _load(spec_file: str, overrides: List[str]):
+    try:
+        return load_specs(spec_file, list(overrides))
+    except SpecError as e:
+        _fail_input(str(e))
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def cli() -> None:
+    """tl-sweep: transfer-learning sweeps on Ray Tune + Optuna + ASHA, tracked in MLflow.
+
+    \b
+    Examples:
+      tl-sweep run search_spaces/quickstart.yaml
+      tl-sweep run search_spaces/strategy1.yaml --set train.epochs=2 --address auto
+      tl-sweep show quickstart
+      tl-sweep export quickstart --top 1 -o best.yaml && tl-sweep run best.yaml
+    """
+
+
+@cli.command()
+@click.argument("spec_file", type=click.Path(dir_okay=False))
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override a field, e.g. --set train.epochs=2 (repeatable; the value is YAML).")
+def validate(spec_file: str, overrides: List[str]) -> None:
+    """Validate SPEC_FILE and print the resolved search; start nothing.
+
+    \b
+    Example:
+      tl-sweep validate search_spaces/strategy1.yaml --set train.lr=0.01
+    """
+    from orchestrator.space import num_trials
+
+    for spec, _, notes in _load(spec_file, overrides):
+        for n in notes:
+            click.echo(f"note: {n}")
+        click.echo(f"{spec_file}: valid spec {spec.name!r}: {num_trials(spec)} trial(s), "
+                   f"algorithm {spec.search.algorithm}, scheduler {spec.search.scheduler.type}, "
+                   f"metric {spec.search.metric} ({spec.search.mode})")
+        for k, d in spec.search.space.items():
+            click.echo(f"  {k}: {d.to_yaml()}")
+
+
+@cli.command()
+@click.argument("spec_file", type=click.Path(dir_okay=False))
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override a field, e.g. --set train.epochs=2 (repeatable; the value is YAML).")
+@click.option("--address", default=None, metavar="ADDR",
+              help="Ray cluster to run on: auto, or ray://host:10001 (default: $RAY_ADDRESS, else a local Ray).")
+@click.option("--tracking-uri", default=None, metavar="URI",
+              help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, tracking.uri, else sqlite in storage.path).")
+def run(spec_file: str, overrides: List[str], address: Optional[str], tracking_uri: Optional[str]) -> None:
+    """Run the sweep in SPEC_FILE (validated first: nothing starts on an error).
+
+    A file with several YAML documents (an export of the top K) runs them one after another.
+
+    \b
+    Examples:
+      tl-sweep run search_spaces/quickstart.yaml
+      tl-sweep run search_spaces/strategy1.yaml --set train.epochs=2 --set search.num_samples=2
+      tl-sweep run best.yaml
+    """
+    from orchestrator.sweep import InputError, run_sweep
+
+    loaded = _load(spec_file, overrides)
+    console = Console()
+    failed = False
+    for spec, raw, notes in loaded:
+        for n in notes:
+            console.print(f"note: {n}", markup=False)
+        try:
+            out = run_sweep(spec, raw, address=address, tracking_uri=tracking_uri, console=console)
+        except InputError as e:
+            _fail_input(str(e))
+        failed |= _summary(console, out, spec)
+        if out.status == "interrupted":
+            sys.exit(130)
+    sys.exit(1 if failed else 0)
+
+
+def _summary(console: Console, out, spec) -> bool:
+    """Print the one-line summary; True when no trial produced a result."""
+    from orchestrator.results import find_sweep, leaderboard
+
+    meta = find_sweep(str(out.sweep_dir), spec.storage.path)
+    rows = leaderboard(meta)
+    ranked = [r for r in rows if r.best is not None]
+    counts = {s: sum(r.status == s for r in rows) for s in ("FINISHED", "PRUNED", "FAILED", "KILLED")}
+    tally = ", ".join(f"{v} {k.lower()}" for k, v in counts.items() if v)
+    ui = f"mlflow ui --backend-store-uri {out.tracking_uri}" if out.tracking_uri.startswith("sqlite:") else f"open {out.tracking_uri}"
+    if out.status == "interrupted":
+        console.print(f"sweep {out.sweep_id} interrupted ({tally}); MLflow runs closed as KILLED. "
+                      f"Results so far: tl-sweep show {out.sweep_id}", markup=False)
+        return False
+    if not ranked:
+        console.print(f"sweep {out.sweep_id}: no trial reported {spec.search.metric} ({tally}). "
+                      f"Errors: tl-sweep show {out.sweep_id}; Ray log: {out.sweep_dir / 'ray.log'}", markup=False)
+        return True
+    best = ranked[0]
+    values = " ".join(f"{k}={v}" for k, v in best.values.items())
+    console.print(
+        f"sweep {out.sweep_id} {out.status} ({tally}): best trial {best.trial} {spec.search.metric}={best.best:.4f}"
+        f"{' ' + values if values else ''} | UI: {ui} | export: tl-sweep export {out.sweep_id} --top 1 -o best.yaml",
+        markup=False, soft_wrap=True,
+    )
+    return False
+
+
+@cli.command(name="ls")
+@click.option("--storage", default="sweeps", show_default=True, help="The sweeps folder (storage.path).")
+def ls_(storage: str) -> None:
+    """List the sweeps under the storage folder, oldest first.
+
+    \b
+    Example:
+      tl-sweep ls --storage sweeps
+    """
+    from orchestrator.results import list_sweeps
+
+    sweeps = list_sweeps(storage)
+    if not sweeps:
+        click.echo(f"no sweeps under {Path(storage).resolve()}")
+        return
+    t = Table("sweep", "name", "created", "status", "trials", "metric")
+    for m in sweeps:
+        t.add_row(m["id"], m["name"], m.get("created", ""), m.get("status", ""), str(m.get("num_trials", "")), m.get("metric", ""))
+    Console(width=200).print(t)
+
+
+@cli.command()
+@click.argument("sweep")
+@click.option("--storage", default="sweeps", show_default=True, help="The sweeps folder (storage.path).")
+def show(sweep: str, storage: str) -> None:
+    """Print the leaderboard of SWEEP (an id, a name for its latest sweep, or a folder).
+
+    \b
+    Example:
+      tl-sweep show quickstart
+    """
+    from orchestrator.results import find_sweep, leaderboard
+    from orchestrator.sweep import InputError
+
+    try:
+        meta = find_sweep(sweep, storage)
+    except InputError as e:
+        _fail_input(str(e))
+    rows = leaderboard(meta)
+    t = Table(title=f"{meta['id']} ({meta.get('status')}) - best {meta['metric']} ({meta['mode']})")
+    for col in ["rank", "trial", *meta.get("varying", []), f"best {meta['metric']}", "epochs", "status", "test/acc"]:
+        t.add_column(col)
+    for i, r in enumerate(rows, 1):
+        status = r.status if not r.error else f"{r.status}: {r.error.splitlines()[-1][:80]}"
+        t.add_row(str(i), r.trial, *r.values.values(), "-" if r.best is None else f"{r.best:.4f}",
+                  str(r.epochs), status, "-" if r.test_acc is None else f"{r.test_acc:.4f}")
+    Console(width=200).print(t)
+
+
+@cli.command()
+@click.argument("sweep")
+@click.option("--top", default=1, show_default=True, type=click.IntRange(min=1), help="How many of the best trials.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), default=None, help="Write here (default: stdout).")
+@click.option("--storage", default="sweeps", show_default=True, help="The sweeps folder (storage.path).")
+def export(sweep: str, top: int, output: Optional[str], storage: str) -> None:
+    """Write the top K configs of SWEEP as specs that re-run as is (search removed).
+
+    \b
+    Example:
+      tl-sweep export quickstart --top 1 -o best.yaml && tl-sweep run best.yaml
+    """
+    from orchestrator.results import export_best, find_sweep
+    from orchestrator.sweep import InputError
+
+    try:
+        text = export_best(find_sweep(sweep, storage), top)
+    except InputError as e:
+        _fail_input(str(e))
+    if output:
+        Path(output).write_text(text)
+        click.echo(f"wrote {output}; run it with: tl-sweep run {output}")
+    else:
+        click.echo(text, nl=False)
+
+
+def main() -> None:
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    cli()
+
+
+if __name__ == "__main__":
+    main()

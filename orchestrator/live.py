@@ -1,0 +1,120 @@
+"""What the user sees while a sweep runs: a live table of trials (a line per event when the
+output is not a terminal, e.g. CI logs)."""
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional
+
+from ray.tune import Callback
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+from orchestrator.tracking import short_error, trial_error_text
+
+
+def fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+class Printer:
+    def __init__(self, console: Optional[Console] = None):
+        self.console = console or Console()
+
+    def line(self, text: str) -> None:
+        self.console.print(text, highlight=False, markup=False, soft_wrap=True)
+
+
+class LiveTable(Callback):
+    """Trial id, the values that vary, status, epoch, the metric and the best so far."""
+
+    def __init__(self, printer: Printer, varying: List[str], metric: str, mode: str):
+        self.printer, self.varying, self.metric, self.mode = printer, varying, metric, mode
+        self.rows: Dict[str, Dict[str, Any]] = {}
+        self._trials: Dict[str, Any] = {}
+        self.best: Optional[float] = None
+        self.best_trial: Optional[str] = None
+        self.interrupted = False
+        self._live: Optional[Live] = None
+
+    def __getstate__(self):
+        # Tune pickles its callbacks; the console and the live display are driver-only.
+        return {k: v for k, v in self.__dict__.items() if k not in ("printer", "_live", "_trials")}
+
+    # ------------------------------------------------------------------ rendering
+    def _better(self, a: float, b: Optional[float]) -> bool:
+        return b is None or (a > b if self.mode == "max" else a < b)
+
+    def table(self) -> Table:
+        t = Table(title=f"trials (best {self.metric}: {fmt(self.best) if self.best is not None else '-'})")
+        for col in ["trial", *self.varying, "status", "epoch", self.metric, "best"]:
+            t.add_column(col)
+        for tid, r in self.rows.items():
+            t.add_row(tid, *[fmt(r["values"].get(k, "")) for k in self.varying], r["status"],
+                      fmt(r.get("epoch", "")), fmt(r.get("last", "")), fmt(r.get("best", "")))
+        return t
+
+    def _event(self, tid: str, text: str) -> None:
+        if self._live is not None:
+            self._live.update(self.table())
+        else:
+            self.printer.line(f"[{tid}] {text}")
+
+    def setup(self, **info):
+        if self.printer.console.is_terminal:
+            self._live = Live(self.table(), console=self.printer.console, refresh_per_second=4)
+            self._live.start()
+
+    def stop(self) -> None:
+        if self._live is not None:
+            self._live.stop()
+            self._live = None
+
+    # ------------------------------------------------------------------ Tune hooks
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self._trials[trial.trial_id] = trial
+        values = {k: _get(trial.config, k) for k in self.varying}
+        row = self.rows.setdefault(trial.trial_id, {"values": values})
+        row["status"] = "RUNNING"
+        self._event(trial.trial_id, "start " + " ".join(f"{k}={fmt(v)}" for k, v in values.items()))
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        row = self.rows[trial.trial_id]
+        row["epoch"] = result.get("epoch")
+        value = result.get(self.metric)
+        if isinstance(value, (int, float)):
+            row["last"] = value
+            if self._better(value, row.get("best")):
+                row["best"] = value
+            if self._better(value, self.best):
+                self.best, self.best_trial = value, trial.trial_id
+        self._event(trial.trial_id, f"epoch {row['epoch']} {self.metric}={fmt(value)} (sweep best {fmt(self.best)})")
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        row = self.rows[trial.trial_id]
+        epochs = int(trial.config["train"]["epochs"])
+        row["status"] = "done" if int(row.get("epoch") or 0) >= epochs else "pruned"
+        self._event(trial.trial_id, f"{row['status']} after {row.get('epoch')} epoch(s)")
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._trials[trial.trial_id] = trial
+        row = self.rows.setdefault(trial.trial_id, {"values": {k: _get(trial.config, k) for k in self.varying}})
+        row["status"] = "FAILED"
+        self._event(trial.trial_id, "FAILED: " + short_error(trial_error_text(trial)))
+
+    def on_experiment_end(self, trials, **info):
+        for t in trials:
+            self._trials[t.trial_id] = t
+        self.interrupted = any(t.status not in ("TERMINATED", "ERROR") for t in trials)
+
+    def trials(self) -> List[Any]:
+        return list(self._trials.values())
+
+
+def _get(d: Dict[str, Any], dotted: str) -> Any:
+    for p in dotted.split("."):
+        if not isinstance(d, dict) or p not in d:
+            return ""
+        d = d[p]
+    return d

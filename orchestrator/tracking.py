@@ -1,0 +1,196 @@
+"""MLflow tracking from the driver: one parent run per sweep, exactly one child run per trial.
+
+All MLflow calls go through ``MlflowClient`` with explicit run ids, never the fluent
+``mlflow.start_run`` state, and only the driver talks to MLflow. That avoids the known
+Ray Tune + MLflow pitfalls (runs split between parent and child, duplicate runs after a
+retry, workers writing to a store the driver cannot see: ray-project/ray 19978, 36257,
+30649, 46569). A trial's child run is found again by its tags after a retry or a resume.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional
+
+from ray.tune import Callback
+
+TAG_SWEEP = "tl_sweep.sweep_id"
+TAG_TRIAL = "tl_sweep.trial_id"
+TAG_PRUNED = "tl_sweep.pruned"
+TAG_ERROR = "tl_sweep.error"
+TAG_ROLE = "tl_sweep.role"
+SECRET_WORDS = ("token", "password", "secret", "access_key", "api_key")
+
+
+def default_tracking_uri(storage_path: str) -> str:
+    """A local sqlite store inside the sweeps folder (no server needed)."""
+    return "sqlite:///" + str((Path(storage_path) / "mlflow.db").resolve())
+
+
+def resolve_tracking_uri(cli_uri: Optional[str], spec_uri: Optional[str], storage_path: str) -> str:
+    return cli_uri or os.environ.get("MLFLOW_TRACKING_URI") or spec_uri or default_tracking_uri(storage_path)
+
+
+def client_for(uri: str):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def ensure_experiment(client, name: str, storage_path: str, local_store: bool) -> str:
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    location = (Path(storage_path) / "mlartifacts").resolve().as_uri() if local_store else None
+    return client.create_experiment(name, artifact_location=location)
+
+
+def flatten(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
+    out: Dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def is_secret(key: str) -> bool:
+    k = key.lower()
+    return any(w in k for w in SECRET_WORDS)
+
+
+def log_params(client, run_id: str, params: Dict[str, Any]) -> None:
+    from mlflow.entities import Param
+
+    items = [Param(k, str(v)[:6000]) for k, v in flatten(params).items() if not is_secret(k)]
+    for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
+        client.log_batch(run_id, params=items[i : i + 100])
+
+
+def metric_items(result: Dict[str, Any]) -> Dict[str, float]:
+    """The trainable's own metrics (namespaced keys, epoch, images_per_s), not Ray's bookkeeping."""
+    out = {}
+    for k, v in result.items():
+        if ("/" in k or k in ("epoch", "images_per_s")) and isinstance(v, (int, float)) and not isinstance(v, bool):
+            out[k] = float(v)
+    return out
+
+
+class MlflowTracker(Callback):
+    """A Ray Tune callback on the driver that mirrors every trial into its MLflow child run."""
+
+    def __init__(
+        self,
+        client,
+        experiment_id: str,
+        parent_run_id: str,
+        sweep_id: str,
+        epochs_of: Callable[[Dict[str, Any]], int],
+        trial_spec: Callable[[Dict[str, Any]], str],
+    ):
+        self.client, self.experiment_id = client, experiment_id
+        self.parent_run_id, self.sweep_id = parent_run_id, sweep_id
+        self.epochs_of, self.trial_spec = epochs_of, trial_spec
+        self.runs: Dict[str, str] = {}
+        self.closed: Dict[str, str] = {}
+
+    def __getstate__(self):
+        # Tune pickles its callbacks with the experiment state; the client is driver-only
+        # (a restored experiment gets a fresh tracker).
+        return {k: v for k, v in self.__dict__.items() if k != "client"}
+
+    # --------------------------------------------------------------- child runs
+    def run_for(self, trial) -> str:
+        """The trial's one child run: cached, else found by tag (retry / resume), else created."""
+        tid = trial.trial_id
+        if tid in self.runs:
+            return self.runs[tid]
+        found = self.client.search_runs(
+            [self.experiment_id],
+            filter_string=f"tags.`{TAG_TRIAL}` = '{tid}' and tags.`mlflow.parentRunId` = '{self.parent_run_id}'",
+            max_results=1,
+        )
+        if found:
+            run_id = found[0].info.run_id
+            if found[0].info.status != "RUNNING":
+                self.client.update_run(run_id, status="RUNNING")
+        else:
+            run = self.client.create_run(
+                self.experiment_id,
+                run_name=f"trial-{tid}",
+                tags={"mlflow.parentRunId": self.parent_run_id, TAG_TRIAL: tid, TAG_SWEEP: self.sweep_id, TAG_ROLE: "trial"},
+            )
+            run_id = run.info.run_id
+            log_params(self.client, run_id, trial.config)
+            self.client.log_text(run_id, self.trial_spec(trial.config), "trial_spec.yaml")
+        self.runs[tid] = run_id
+        return run_id
+
+    def _close(self, trial, status: str, tags: Optional[Dict[str, str]] = None) -> None:
+        run_id = self.run_for(trial)
+        for k, v in (tags or {}).items():
+            self.client.set_tag(run_id, k, v)
+        self.client.set_terminated(run_id, status=status)
+        self.closed[trial.trial_id] = status
+
+    # --------------------------------------------------------------- Tune hooks
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self.run_for(trial)
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        from mlflow.entities import Metric
+
+        step = int(result.get("epoch", result.get("training_iteration", 0)))
+        now = int(time.time() * 1000)
+        metrics = [Metric(k, v, now, step) for k, v in metric_items(result).items()]
+        if metrics:
+            self.client.log_batch(self.run_for(trial), metrics=metrics)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        last = trial.last_result or {}
+        epochs = self.epochs_of(trial.config)
+        if int(last.get("epoch", 0)) < epochs:
+            self._close(trial, "KILLED", {TAG_PRUNED: "true"})
+        else:
+            self._close(trial, "FINISHED", {TAG_PRUNED: "false"})
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._close(trial, "FAILED", {TAG_ERROR: trial_error_text(trial)[-4000:]})
+
+    def close_open_runs(self, trials: List[Any], status: str = "KILLED") -> None:
+        """After an interrupt: close every child run still RUNNING (no orphans)."""
+        for trial in trials:
+            if trial.trial_id in self.runs and trial.trial_id not in self.closed:
+                self._close(trial, status)
+
+
+def trial_error_text(trial) -> str:
+    try:
+        err = trial.get_error()
+        if err is not None:
+            return str(err).strip()
+    except Exception:  # the error file may be missing on a remote store
+        pass
+    path = getattr(trial, "error_file", None)
+    if path and os.path.exists(path):
+        return Path(path).read_text(errors="replace").strip()
+    return "trial failed (no error text recorded)"
+
+
+def short_error(text: str) -> str:
+    """The last line that names an exception, for tables and summaries."""
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    for ln in reversed(lines):
+        if "Error" in ln or "Exception" in ln:
+            return ln[:300]
+    return (lines[-1] if lines else text)[:300]
+
+
+def write_json(path: Path, data: Dict[str, Any]) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
+    tmp.replace(path)
