@@ -116,6 +116,8 @@ class TrainSpec(Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: bool = True  # bf16 autocast on CUDA; ignored on CPU
     channels_last: bool = True  # on CUDA only
+    # For testing fault tolerance: the trial raises at the start of this epoch.
+    fail_at_epoch: Optional[int] = Field(None, ge=1)
 
 
 class Distribution(Strict):

@@ -51,6 +51,10 @@ class _Subset(ImageSet):
     def __getitem__(self, i: int):
         return self.base[int(self.indices[i])]
 
+    def subset(self, indices: Sequence[int]) -> "ImageSet":
+        # Compose onto the source, so ``indices`` always count in the original data set.
+        return _Subset(self.base, self.indices[np.asarray(indices, dtype=np.int64)])
+
 
 def _square_resize(img: torch.Tensor, size: int) -> torch.Tensor:
     """Resize the shorter side to ``size`` and centre-crop to ``size`` x ``size`` (uint8 CHW)."""

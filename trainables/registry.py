@@ -6,8 +6,10 @@ from typing import Callable, Dict, Generic, TypeVar
 T = TypeVar("T")
 
 
-class UnknownComponentError(KeyError):
-    """An unknown name was asked of a registry; the message lists the valid names."""
+class UnknownComponentError(KeyError, ValueError):
+    """An unknown name was asked of a registry; the message lists the valid names.
+
+    A ValueError too, so that spec validation reports it with its key path."""
 
     def __str__(self) -> str:  # KeyError would quote the message
         return str(self.args[0])

@@ -99,6 +99,8 @@ class FineTuneTrial:
 
     def train_one_epoch(self) -> Dict[str, float]:
         self.epoch += 1
+        if self.train_cfg.get("fail_at_epoch") == self.epoch:
+            raise RuntimeError(f"train.fail_at_epoch={self.epoch}: this trial was asked to fail (a fault-tolerance test)")
         self.model.train()
         freeze_frozen_modules(self.model)
         loss_sum, correct, seen = 0.0, 0, 0

@@ -1,0 +1,89 @@
+"""Shared fixtures: one shrunk base config, tiny data sets written in their real layouts,
+and a helper that runs the real ``tl-sweep`` command."""
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Dict, List
+
+import numpy as np
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+SEARCH_SPACES = REPO / "search_spaces"
+
+# Tiny: 120 digits at 32 px, a pretrained EfficientNet-Lite0, 2 epochs.
+BASE_SPEC: Dict = {
+    "name": "tiny",
+    "data": {"name": "digits", "image_size": 32, "max_images": 120, "val_fraction": 0.25, "test_fraction": 0.25, "seed": 0},
+    "model": {"name": "timm:tf_efficientnet_lite0", "weights": "imagenet"},
+    "strategy": {"name": "unfreeze_last", "unfreeze_last": 1, "lr_decay": 0.5},
+    "train": {"epochs": 2, "batch_size": 16, "lr": 2e-3, "optimizer": "adamw", "scheduler": "cosine"},
+    "search": {"algorithm": "optuna", "space": {}, "num_samples": 1, "metric": "val/acc", "mode": "max",
+               "scheduler": {"type": "fifo"}, "seed": 0},
+    "resources": {"cpu": 1, "gpu": 0},
+    "storage": {"path": "sweeps"},
+}
+
+
+@pytest.fixture
+def base_spec() -> Dict:
+    return copy.deepcopy(BASE_SPEC)
+
+
+def trial_config(spec: Dict) -> Dict:
+    """The plain dict a trial receives, from a raw spec mapping (defaults filled in)."""
+    from orchestrator.spec import validate
+
+    return validate(spec).trial_config()
+
+
+@pytest.fixture
+def write_spec(tmp_path):
+    def write(spec: Dict, name: str = "spec.yaml") -> Path:
+        p = tmp_path / name
+        p.write_text(yaml.safe_dump(spec, sort_keys=False))
+        return p
+
+    return write
+
+
+def run_cli(args: List[str], cwd: Path, timeout: int = 600, env: Dict | None = None) -> subprocess.CompletedProcess:
+    """Run the real installed ``tl-sweep`` console script."""
+    exe = Path(sys.executable).with_name("tl-sweep")
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "orchestrator.cli"]
+    full_env = dict(os.environ, **(env or {}))
+    return subprocess.run(cmd + args, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=full_env)
+
+
+def save_jpeg(path: Path, rgb: tuple, size: int = 24, seed: int = 0) -> None:
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    arr = np.clip(np.array(rgb, dtype=np.int16) + rng.integers(-20, 20, (size, size, 3)), 0, 255).astype(np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(arr).save(path, quality=90)
+
+
+PET_BREEDS = [("Abyssinian", 1, 1), ("Bengal", 2, 1), ("american_bulldog", 3, 2), ("beagle", 4, 2)]
+
+
+@pytest.fixture
+def pets_root(tmp_path) -> Path:
+    """Oxford-IIIT Pets in its real layout: 4 breeds (2 cats, 2 dogs), tiny JPEGs."""
+    root = tmp_path / "pets"
+    base = root / "oxford-iiit-pet"
+    lines = {"trainval": [], "test": []}
+    for b, (breed, cls, species) in enumerate(PET_BREEDS):
+        for i in range(1, 13):
+            image_id = f"{breed}_{i}"
+            save_jpeg(base / "images" / f"{image_id}.jpg", (60 * b, 200 - 40 * b, 40 + 50 * species), seed=i)
+            lines["trainval" if i <= 9 else "test"].append(f"{image_id} {cls} {species} {i}")
+    (base / "annotations").mkdir(parents=True)
+    for split, ls in lines.items():
+        (base / "annotations" / f"{split}.txt").write_text("\n".join(ls) + "\n")
+    return root
