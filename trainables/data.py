@@ -66,15 +66,24 @@ def _square_resize(img: torch.Tensor, size: int) -> torch.Tensor:
     return img
 
 
+# In-memory sets whose resized copy fits in this many bytes are resized once, not every epoch.
+RESIZE_CACHE_BYTES = 512 * 2**20
+
+
 class TensorImageSet(ImageSet):
-    """In-memory images (N, C, H, W) uint8, resized per item."""
+    """In-memory images (N, C, H, W) uint8; resized once when small enough, else per item."""
 
     def __init__(self, images: torch.Tensor, targets: np.ndarray, image_size: int):
         if images.shape[1] == 1:
             images = images.expand(-1, 3, -1, -1)
         self.images, self.targets, self.image_size = images, np.asarray(targets), image_size
+        self._resized: Optional[torch.Tensor] = None
+        if images.shape[-2:] != (image_size, image_size) and len(images) * 3 * image_size**2 <= RESIZE_CACHE_BYTES:
+            self._resized = torch.stack([_square_resize(im, image_size) for im in images])
 
     def __getitem__(self, i: int):
+        if self._resized is not None:
+            return self._resized[i], int(self.targets[i])
         return _square_resize(self.images[i], self.image_size), int(self.targets[i])
 
 

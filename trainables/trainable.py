@@ -103,37 +103,48 @@ class FineTuneTrial:
             raise RuntimeError(f"train.fail_at_epoch={self.epoch}: this trial was asked to fail (a fault-tolerance test)")
         self.model.train()
         freeze_frozen_modules(self.model)
-        loss_sum, correct, seen = 0.0, 0, 0
+        # Sums stay on the device: no host sync per step.
+        loss_sum = torch.zeros((), device=self.device)
+        correct = torch.zeros((), device=self.device, dtype=torch.long)
+        seen = 0
         start = time.perf_counter()
+        # A non-finite loss stops the trial at once: checked every step on CPU, every 20 steps on
+        # CUDA, where each check is a host sync.
+        check_every = 20 if self.device.type == "cuda" else 1
         for step, (x, y) in enumerate(self.loaders["train"]):
             x, y = self._inputs(x), y.to(self.device, non_blocking=True)
             with self._autocast():
                 logits = self.model(x)
                 loss = F.cross_entropy(logits.float(), y)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(
-                    f"loss is {loss.item()} at epoch {self.epoch}, step {step}: the trial is stopped "
-                    "(lower train.lr, or check the data)"
-                )
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
-            loss_sum += loss.item() * len(y)
-            correct += (logits.argmax(1) == y).sum().item()
+            loss_sum += loss.detach() * len(y)
+            correct += (logits.argmax(1) == y).sum()
             seen += len(y)
+            if step % check_every == 0:
+                self._check_finite(loss_sum, step)
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         elapsed = time.perf_counter() - start
+        self._check_finite(loss_sum, step)
         lr = self.optimizer.param_groups[-1]["lr"]  # the head's group comes last
         self.scheduler.step()
         return {
             "epoch": self.epoch,
-            "train/loss": loss_sum / max(seen, 1),
-            "train/acc": correct / max(seen, 1),
+            "train/loss": loss_sum.item() / max(seen, 1),
+            "train/acc": correct.item() / max(seen, 1),
             "train/lr": lr,
             "train/trainable_groups": len(self.active_groups),
             "images_per_s": seen / max(elapsed, 1e-9),
         }
+
+    def _check_finite(self, loss_sum: torch.Tensor, step: int) -> None:
+        if not torch.isfinite(loss_sum):
+            raise FloatingPointError(
+                f"loss is {loss_sum.item()} at epoch {self.epoch}, by step {step}: the trial is stopped "
+                "(lower train.lr, or check the data)"
+            )
 
     @torch.no_grad()
     def evaluate(self, split: str = "val") -> Dict[str, float]:
