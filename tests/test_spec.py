@@ -157,3 +157,21 @@ def test_installed_command_exits_2_and_starts_nothing(tmp_path, base_spec, write
     assert r.returncode == 2, r.stderr
     assert "train.optimiser: unknown key" in r.stderr
     assert not (tmp_path / "sweeps").exists(), "no sweep folder, no MLflow store on a spec error"
+
+
+def test_readme_spec_reference_names_every_field():
+    from orchestrator.spec import SchedulerSpec, Spec
+
+    readme = (SEARCH_SPACES.parent / "README.md").read_text()
+    for section, model in Spec.model_fields.items():
+        sub = getattr(model.annotation, "model_fields", None)
+        if sub is None:
+            assert f"`{section}`" in readme, section
+            continue
+        for field in sub:
+            if section == "search" and field == "scheduler":
+                for f in SchedulerSpec.model_fields:
+                    assert f"search.scheduler.{f}" in readme, f
+            else:
+                assert f"{section}.{field}" in readme, f"{section}.{field} is missing from README's spec reference"
+    assert readme.startswith("# tl-sweep\n\n```bash\npip install -e . && tl-sweep run search_spaces/quickstart.yaml")
