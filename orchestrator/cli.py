@@ -113,7 +113,8 @@ def _summary(console: Console, out, spec) -> bool:
     ui = f"mlflow ui --backend-store-uri {out.tracking_uri}" if out.tracking_uri.startswith("sqlite:") else f"open {out.tracking_uri}"
     if out.status == "interrupted":
         console.print(f"sweep {out.sweep_id} interrupted ({tally}); MLflow runs closed as KILLED. "
-                      f"Results so far: tl-sweep show {out.sweep_id}", markup=False)
+                      f"Results so far: tl-sweep show {out.sweep_id}; continue it with: tl-sweep resume {out.sweep_id}",
+                      markup=False, soft_wrap=True)
         return False
     if not ranked:
         console.print(f"sweep {out.sweep_id}: no trial reported {spec.search.metric} ({tally}). "
@@ -127,6 +128,41 @@ def _summary(console: Console, out, spec) -> bool:
         markup=False, soft_wrap=True,
     )
     return False
+
+
+@cli.command()
+@click.argument("sweep")
+@click.option("--storage", default="sweeps", show_default=True, help="The sweeps folder (storage.path).")
+@click.option("--address", default=None, metavar="ADDR",
+              help="Ray cluster to run on: auto, or ray://host:10001 (default: $RAY_ADDRESS, else a local Ray).")
+def resume(sweep: str, storage: str, address: Optional[str]) -> None:
+    """Continue SWEEP after its driver died or was stopped (kill -9, Ctrl-C, a lost head node).
+
+    Finished trials stay finished; unfinished ones continue from their last checkpoints; the
+    Optuna study and ASHA's rungs carry on; the same MLflow parent run and each trial's one
+    child run are reused.
+
+    \b
+    Example:
+      tl-sweep resume quickstart-20261123-084006-0ee0
+    """
+    from orchestrator.results import find_sweep
+    from orchestrator.spec import SpecError
+    from orchestrator.sweep import InputError, resume_sweep
+
+    try:
+        meta = find_sweep(sweep, storage)
+        if meta.get("status") == "finished":
+            raise InputError(f"sweep {meta['id']} has finished: nothing to resume (see tl-sweep show {meta['id']})")
+        out = resume_sweep(meta, address=address, console=Console())
+    except (InputError, SpecError) as e:
+        _fail_input(str(e))
+    from orchestrator.spec import validate
+    import yaml
+
+    spec = validate(yaml.safe_load((Path(meta["path"]) / "spec.yaml").read_text()))
+    failed = _summary(Console(), out, spec)
+    sys.exit(130 if out.status == "interrupted" else 1 if failed else 0)
 
 
 @cli.command(name="ls")

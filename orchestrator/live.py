@@ -4,12 +4,11 @@ from __future__ import annotations
 
 from typing import Any, Dict, List, Optional
 
-from ray.tune import Callback
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from orchestrator.tracking import short_error, trial_error_text
+from orchestrator.tracking import DriverCallback, short_error, trial_error_text
 
 
 def fmt(v: Any) -> str:
@@ -26,8 +25,10 @@ class Printer:
         self.console.print(text, highlight=False, markup=False, soft_wrap=True)
 
 
-class LiveTable(Callback):
+class LiveTable(DriverCallback):
     """Trial id, the values that vary, status, epoch, the metric and the best so far."""
+
+    driver_only = ("printer", "_live", "_trials")
 
     def __init__(self, printer: Printer, varying: List[str], metric: str, mode: str):
         self.printer, self.varying, self.metric, self.mode = printer, varying, metric, mode
@@ -35,12 +36,10 @@ class LiveTable(Callback):
         self._trials: Dict[str, Any] = {}
         self.best: Optional[float] = None
         self.best_trial: Optional[str] = None
-        self.interrupted = False
         self._live: Optional[Live] = None
 
-    def __getstate__(self):
-        # Tune pickles its callbacks; the console and the live display are driver-only.
-        return {k: v for k, v in self.__dict__.items() if k not in ("printer", "_live", "_trials")}
+    def rebuild(self) -> None:
+        self.printer, self._live, self._trials = Printer(), None, {}
 
     # ------------------------------------------------------------------ rendering
     def _better(self, a: float, b: Optional[float]) -> bool:
@@ -73,14 +72,16 @@ class LiveTable(Callback):
 
     # ------------------------------------------------------------------ Tune hooks
     def on_trial_start(self, iteration, trials, trial, **info):
-        self._trials[trial.trial_id] = trial
-        values = {k: _get(trial.config, k) for k in self.varying}
-        row = self.rows.setdefault(trial.trial_id, {"values": values})
+        row = self._row(trial)
         row["status"] = "RUNNING"
-        self._event(trial.trial_id, "start " + " ".join(f"{k}={fmt(v)}" for k, v in values.items()))
+        self._event(trial.trial_id, "start " + " ".join(f"{k}={fmt(v)}" for k, v in row["values"].items()))
+
+    def _row(self, trial) -> Dict[str, Any]:
+        self._trials[trial.trial_id] = trial
+        return self.rows.setdefault(trial.trial_id, {"values": {k: _get(trial.config, k) for k in self.varying}})
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        row = self.rows[trial.trial_id]
+        row = self._row(trial)
         row["epoch"] = result.get("epoch")
         value = result.get(self.metric)
         if isinstance(value, (int, float)):
@@ -92,21 +93,19 @@ class LiveTable(Callback):
         self._event(trial.trial_id, f"epoch {row['epoch']} {self.metric}={fmt(value)} (sweep best {fmt(self.best)})")
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        row = self.rows[trial.trial_id]
+        row = self._row(trial)
         epochs = int(trial.config["train"]["epochs"])
         row["status"] = "done" if int(row.get("epoch") or 0) >= epochs else "pruned"
         self._event(trial.trial_id, f"{row['status']} after {row.get('epoch')} epoch(s)")
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        self._trials[trial.trial_id] = trial
-        row = self.rows.setdefault(trial.trial_id, {"values": {k: _get(trial.config, k) for k in self.varying}})
+        row = self._row(trial)
         row["status"] = "FAILED"
         self._event(trial.trial_id, "FAILED: " + short_error(trial_error_text(trial)))
 
     def on_experiment_end(self, trials, **info):
         for t in trials:
             self._trials[t.trial_id] = t
-        self.interrupted = any(t.status not in ("TERMINATED", "ERROR") for t in trials)
 
     def trials(self) -> List[Any]:
         return list(self._trials.values())

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import copy
 import itertools
-from typing import Any, Dict, List
+import os
+import pickle
+from typing import Any, Dict, List, Optional
 
 from orchestrator.spec import Distribution, Spec, set_path
 
@@ -111,15 +113,58 @@ def tuner_num_samples(spec: Spec) -> int:
     return spec.search.num_samples
 
 
-def trial_scheduler(spec: Spec):
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+def trial_scheduler(spec: Spec, state_file: Optional[str] = None):
+    """FIFO, or ASHA on epochs; with ``state_file`` ASHA's rungs survive a driver restart."""
+    from ray.tune.schedulers import FIFOScheduler
 
     sch = spec.search.scheduler
     if sch.type == "fifo":
         return FIFOScheduler()
-    return ASHAScheduler(
+    return ResumableASHA(
+        state_file=state_file,
         time_attr="epoch",
         max_t=sch.max_t or spec.train.epochs,
         grace_period=sch.grace_period,
         reduction_factor=sch.reduction_factor,
     )
+
+
+def _asha_base():
+    from ray.tune.schedulers import ASHAScheduler
+
+    return ASHAScheduler
+
+
+class ResumableASHA(_asha_base()):
+    """ASHA whose rungs (every trial's metric at each milestone) are written to a file after
+    each decision and read back when a restored experiment unpickles the scheduler: Tune
+    restores the searcher's state but not the scheduler's, so without this a resumed sweep
+    would judge its trials against empty rungs."""
+
+    def __init__(self, state_file: Optional[str] = None, **kwargs):
+        super().__init__(**kwargs)
+        self._state_file = state_file
+
+    def _persist(self) -> None:
+        if not self._state_file:
+            return
+        tmp = self._state_file + ".tmp"
+        with open(tmp, "wb") as f:
+            pickle.dump({k: v for k, v in self.__dict__.items() if k != "_state_file"}, f)
+        os.replace(tmp, self._state_file)
+
+    def on_trial_result(self, tune_controller, trial, result):
+        decision = super().on_trial_result(tune_controller, trial, result)
+        self._persist()
+        return decision
+
+    def on_trial_complete(self, tune_controller, trial, result):
+        super().on_trial_complete(tune_controller, trial, result)
+        self._persist()
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        if self._state_file and os.path.exists(self._state_file):
+            with open(self._state_file, "rb") as f:
+                saved = pickle.load(f)  # written by this driver into its own sweep folder
+            self.__dict__.update(saved)

@@ -1,6 +1,6 @@
 """The sweep spec: YAML -> one validated, typed object, every problem reported at once.
 
-Sections: name, data, model, strategy, train, search, resources, tracking, storage.
+Sections: name, data, model, strategy, train, search, resources, failure, tracking, storage.
 ``search.space`` maps a dotted path of the trial config (``train.lr``) to a distribution.
 """
 from __future__ import annotations
@@ -191,7 +191,12 @@ class SearchSpec(Strict):
 
 class ResourcesSpec(Strict):
     cpu: float = Field(1, gt=0)
-    gpu: float = Field(0, ge=0)
+    gpu: float = Field(0, ge=0)  # fractional: several trials share a GPU
+    custom: Dict[str, float] = {}  # Ray custom resources, e.g. {a100: 1} to pin trials to such nodes
+
+
+class FailureSpec(Strict):
+    max_retries: int = Field(0, ge=0)  # a failed trial restarts from its last checkpoint this often
 
 
 class TrackingSpec(Strict):
@@ -200,7 +205,10 @@ class TrackingSpec(Strict):
 
 
 class StorageSpec(Strict):
-    path: str = "sweeps"
+    path: str = "sweeps"  # on the driver: sweep folders, logs, the default MLflow store
+    # Where Ray Tune keeps checkpoints and experiment state: a folder every node sees (shared
+    # file system) or a pyarrow URI (s3://bucket/prefix, gs://...). Default: the sweep folder.
+    uri: Optional[str] = None
     keep_checkpoints: int = Field(1, ge=1)
 
 
@@ -213,6 +221,7 @@ class Spec(Strict):
     train: TrainSpec = TrainSpec()
     search: SearchSpec = SearchSpec()
     resources: ResourcesSpec = ResourcesSpec()
+    failure: FailureSpec = FailureSpec()
     tracking: TrackingSpec = TrackingSpec()
     storage: StorageSpec = StorageSpec()
 

@@ -24,7 +24,7 @@ import yaml
 from orchestrator import space as sp
 from orchestrator.spec import Spec, set_path
 from orchestrator.tracking import (
-    TAG_ROLE, TAG_SWEEP, MlflowTracker, client_for, ensure_experiment, log_params,
+    RESTORED, TAG_ROLE, TAG_SWEEP, MlflowTracker, client_for, ensure_experiment, log_params, redact,
     resolve_tracking_uri, write_json,
 )
 
@@ -149,6 +149,7 @@ def _stderr_to(log_file: Path):
 
 
 def init_ray(address: Optional[str], log_file: Path) -> Dict[str, float]:
+    """Connect to ``address`` / $RAY_ADDRESS, else start a local Ray (no dashboard)."""
     import ray
 
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
@@ -161,6 +162,50 @@ def init_ray(address: Optional[str], log_file: Path) -> Dict[str, float]:
         else:
             ray.init(include_dashboard=False, **kwargs)
     return dict(ray.cluster_resources())
+
+
+# --------------------------------------------------------------------------- cluster checks
+
+
+def trial_resources(spec: Spec) -> Dict[str, float]:
+    need = {"CPU": spec.resources.cpu, "GPU": spec.resources.gpu, **spec.resources.custom}
+    return {k: float(v) for k, v in need.items() if v}
+
+
+def trials_that_fit(need: Dict[str, float], nodes: List[Dict[str, float]]) -> int:
+    """How many trials fit at once: a trial's resources must all come from one node."""
+    return sum(int(min(node.get(k, 0.0) / v for k, v in need.items()) + 1e-9) for node in nodes) if need else 0
+
+
+def check_placement(spec: Spec, printer) -> None:
+    """Print the cluster and how many trials fit at once; fail if a trial can never be placed."""
+    import ray
+
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    need = trial_resources(spec)
+    fit = trials_that_fit(need, nodes)
+    total: Dict[str, float] = {}
+    for n in nodes:
+        for k in ("CPU", "GPU", *spec.resources.custom):
+            total[k] = total.get(k, 0.0) + n.get(k, 0.0)
+    have = ", ".join(f"{v:g} {k}" for k, v in total.items())
+    want = ", ".join(f"{v:g} {k}" for k, v in need.items())
+    if fit == 0:
+        raise InputError(
+            f"resources: a trial needs {want} on one node, but no node of this cluster has that "
+            f"({len(nodes)} node(s): {have}). Lower resources.cpu / resources.gpu, or add such a node."
+        )
+    limit = spec.search.max_concurrent
+    at_once = min(fit, limit) if limit else fit
+    printer.line(f"cluster: {len(nodes)} node(s), {have}; a trial needs {want}: {at_once} trial(s) at once")
+
+
+def storage_note(spec: Spec, address: Optional[str], nodes: int) -> Optional[str]:
+    if spec.storage.uri is None and (address or os.environ.get("RAY_ADDRESS")) and nodes > 1:
+        return (f"note: trial checkpoints go to {Path(spec.storage.path).resolve()} on this machine; trials on "
+                "other nodes can write there only if it is a shared file system mounted at the same path on "
+                "every node. Otherwise set storage.uri to s3://bucket/prefix (or another shared location).")
+    return None
 
 
 # --------------------------------------------------------------------------- run
@@ -181,87 +226,133 @@ def run_sweep(spec: Spec, raw: Dict[str, Any], *, address: Optional[str] = None,
     log_file = sweep_dir / "ray.log"
     handler = _configure_logs(log_file)
     uri = resolve_tracking_uri(tracking_uri, spec.tracking.uri, str(storage))
-    parent_run_id = None
-    client = None
+    tune_root = f"{spec.storage.uri.rstrip('/')}/{sweep_id}" if spec.storage.uri else str(sweep_dir)
     try:
-        resources = init_ray(address, log_file)
-        printer.line(f"sweep {sweep_id}: {sp.num_trials(spec)} trial(s) on Ray with "
-                     f"{resources.get('CPU', 0):g} CPU / {resources.get('GPU', 0):g} GPU; log: {log_file}")
+        init_ray(address, log_file)
+        printer.line(f"sweep {sweep_id}: {sp.num_trials(spec)} trial(s); Ray log: {log_file}")
+        check_placement(spec, printer)
+        import ray
+
+        note = storage_note(spec, address, len([n for n in ray.nodes() if n.get("Alive")]))
+        if note:
+            printer.line(note)
         client = client_for(uri)
         exp_id = ensure_experiment(client, spec.tracking.experiment or spec.name, str(storage), uri.startswith("sqlite:"))
         parent = client.create_run(exp_id, run_name=sweep_id, tags={TAG_SWEEP: sweep_id, TAG_ROLE: "sweep",
                                                                     "tl_sweep.varying": ",".join(spec.search.space)})
-        parent_run_id = parent.info.run_id
-    except Exception:
+    except BaseException:
         _rollback(sweep_dir, handler)
         raise
     (sweep_dir / "spec.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     meta = {
         "id": sweep_id, "name": spec.name, "created": dt.datetime.now().isoformat(timespec="seconds"),
-        "status": "running", "tracking_uri": uri, "experiment_id": exp_id, "parent_run_id": parent_run_id,
+        "status": "running", "tracking_uri": uri, "experiment_id": exp_id, "parent_run_id": parent.info.run_id,
         "metric": spec.search.metric, "mode": spec.search.mode, "varying": list(spec.search.space),
-        "num_trials": sp.num_trials(spec), "epochs": spec.train.epochs,
+        "num_trials": sp.num_trials(spec), "epochs": spec.train.epochs, "tune_path": f"{tune_root}/tune",
     }
     write_json(sweep_dir / SWEEP_FILE, meta)
-    log_params(client, parent_run_id, {"spec": spec.model_dump(mode="json")})
-    client.log_artifact(parent_run_id, str(sweep_dir / "spec.yaml"))
+    log_params(client, parent.info.run_id, {"spec": spec.model_dump(mode="json")})
+    client.log_text(parent.info.run_id, redact(yaml.safe_dump(raw, sort_keys=False)), "spec.yaml")
 
     tracker = MlflowTracker(
-        client, exp_id, parent_run_id, sweep_id,
+        uri, exp_id, parent.info.run_id, sweep_id,
         epochs_of=lambda cfg: int(cfg["train"]["epochs"]),
         trial_spec=lambda cfg: trial_spec_yaml(raw, spec, cfg),
     )
     live = LiveTable(printer, list(spec.search.space), spec.search.metric, spec.search.mode)
-    status = "failed"
-    grid = None
+    tuner = _tuner(spec, sweep_dir, tune_root, [tracker, live])
+    return _drive(tuner, tracker, live, meta, sweep_dir, client, spec, handler)
+
+
+def resume_sweep(meta: Dict[str, Any], *, address: Optional[str] = None, console=None) -> SweepOutcome:
+    """Continue a sweep whose driver died or was stopped: finished trials stay finished, the
+    others continue from their last checkpoints, the Optuna study and ASHA's rungs carry on,
+    and each trial keeps its one MLflow child run under the same parent run."""
+    from ray import tune
+
+    from orchestrator.live import LiveTable, Printer
+    from orchestrator.spec import validate
+
+    sweep_dir = Path(meta["path"]).resolve()
+    raw = yaml.safe_load((sweep_dir / "spec.yaml").read_text())
+    spec = validate(raw, str(sweep_dir / "spec.yaml"))
+    printer = Printer(console)
+    handler = _configure_logs(sweep_dir / "ray.log")
     try:
-        grid = _fit(spec, sweep_dir, [tracker, live])
-        status = "interrupted" if live.interrupted else "finished"
-    except KeyboardInterrupt:
-        status = "interrupted"
-    finally:
-        trials = live.trials()
-        tracker.close_open_runs(trials, "KILLED")
-        run_status = {"finished": "FINISHED", "interrupted": "KILLED"}.get(status, "FAILED")
-        client.set_terminated(parent_run_id, status=run_status)
-        meta["status"] = status
-        write_json(sweep_dir / SWEEP_FILE, meta)
-        live.stop()
-    outcome = SweepOutcome(sweep_id, sweep_dir, uri, parent_run_id, status)
-    if grid is not None:
-        _log_best_checkpoint(client, tracker, grid, spec)
-    _shutdown_logs(handler)
-    return outcome
+        init_ray(address, sweep_dir / "ray.log")
+        check_placement(spec, printer)
+        client = client_for(meta["tracking_uri"])
+        RESTORED.clear()
+        tuner = tune.Tuner.restore(meta["tune_path"], trainable=_trainable(spec), resume_unfinished=True,
+                                   resume_errored=False, restart_errored=False)
+    except BaseException:
+        _shutdown_logs(handler)
+        raise
+    tracker = next(cb for cb in RESTORED if isinstance(cb, MlflowTracker))
+    live = next(cb for cb in RESTORED if isinstance(cb, LiveTable))
+    live.printer = printer
+    client.update_run(meta["parent_run_id"], status="RUNNING")
+    meta = {k: v for k, v in meta.items() if k != "path"}
+    meta.update(status="running", resumed=meta.get("resumed", 0) + 1)
+    write_json(sweep_dir / SWEEP_FILE, meta)
+    printer.line(f"resuming sweep {meta['id']} from {meta['tune_path']}")
+    return _drive(tuner, tracker, live, meta, sweep_dir, client, spec, handler)
 
 
-def _fit(spec: Spec, sweep_dir: Path, callbacks: list):
+def _trainable(spec: Spec):
     from ray import tune
     from trainables.trainable import train_trial
 
-    res = {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu}
-    tuner = tune.Tuner(
-        tune.with_resources(train_trial, res),
+    return tune.with_resources(train_trial, {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu,
+                                             **spec.resources.custom})
+
+
+def _tuner(spec: Spec, sweep_dir: Path, tune_root: str, callbacks: list):
+    from ray import tune
+
+    return tune.Tuner(
+        _trainable(spec),
         param_space=sp.param_space(spec),
         tune_config=tune.TuneConfig(
             metric=spec.search.metric,
             mode=spec.search.mode,
             search_alg=sp.search_algorithm(spec),
-            scheduler=sp.trial_scheduler(spec),
+            scheduler=sp.trial_scheduler(spec, str(sweep_dir / "scheduler.pkl")),
             num_samples=sp.tuner_num_samples(spec),
             max_concurrent_trials=spec.search.max_concurrent,
         ),
         run_config=tune.RunConfig(
             name="tune",
-            storage_path=str(sweep_dir),
+            storage_path=tune_root,
             callbacks=callbacks,
             verbose=0,
             checkpoint_config=tune.CheckpointConfig(num_to_keep=spec.storage.keep_checkpoints),
-            failure_config=tune.FailureConfig(max_failures=0),
+            failure_config=tune.FailureConfig(max_failures=spec.failure.max_retries),
         ),
     )
-    return tuner.fit()
 
 
+def _drive(tuner, tracker: MlflowTracker, live, meta: Dict[str, Any], sweep_dir: Path, client,
+           spec: Spec, handler: logging.Handler) -> SweepOutcome:
+    status, grid = "failed", None
+    try:
+        grid = tuner.fit()
+        # After Ctrl-C Tune returns normally: unfinished or never-created trials tell.
+        trials = live.trials()
+        unfinished = any(t.status not in ("TERMINATED", "ERROR") for t in trials)
+        status = "interrupted" if unfinished or len(trials) < meta["num_trials"] else "finished"
+    except KeyboardInterrupt:
+        status = "interrupted"
+    finally:
+        tracker.close_open_runs(live.trials(), "KILLED")
+        client.set_terminated(meta["parent_run_id"], status={"finished": "FINISHED", "interrupted": "KILLED"}.get(status, "FAILED"))
+        meta["status"] = status
+        write_json(sweep_dir / SWEEP_FILE, meta)
+        live.stop()
+    if grid is not None and status == "finished":
+        _log_best_checkpoint(client, tracker, grid, spec)
+    _shutdown_logs(handler)
+    return SweepOutcome(meta["id"], sweep_dir, meta["tracking_uri"], meta["parent_run_id"], status)
 def _log_best_checkpoint(client, tracker: MlflowTracker, grid, spec: Spec) -> None:
     """The best finished trial's last checkpoint becomes an artifact of its child run."""
     try:

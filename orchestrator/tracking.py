@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
+from urllib.parse import urlsplit, urlunsplit
 
 from ray.tune import Callback
 
@@ -21,7 +23,46 @@ TAG_TRIAL = "tl_sweep.trial_id"
 TAG_PRUNED = "tl_sweep.pruned"
 TAG_ERROR = "tl_sweep.error"
 TAG_ROLE = "tl_sweep.role"
+TAG_NODE = "tl_sweep.node_id"
 SECRET_WORDS = ("token", "password", "secret", "access_key", "api_key")
+
+# Callbacks that Tune unpickled while restoring an experiment (tl-sweep resume): the driver
+# takes them from here, since Tune restores its callbacks from the pickled run config.
+RESTORED: List["DriverCallback"] = []
+
+
+class DriverCallback(Callback):
+    """A Tune callback with driver-only handles (an MLflow client, a console).
+
+    Tune pickles callbacks with the experiment; the handles are left out and rebuilt when a
+    restored experiment unpickles them."""
+
+    driver_only: tuple = ()
+
+    def __getstate__(self):
+        return {k: v for k, v in self.__dict__.items() if k not in self.driver_only}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self.rebuild()
+        RESTORED.append(self)
+
+    def rebuild(self) -> None:
+        raise NotImplementedError
+
+
+def redact(text: str) -> str:
+    """Drop credentials from URIs (user:password@host) and secret-looking query values."""
+    def one(m: "re.Match[str]") -> str:
+        parts = urlsplit(m.group(0))
+        if parts.username or parts.password:
+            host = parts.hostname or ""
+            netloc = f"***@{host}" + (f":{parts.port}" if parts.port else "")
+            parts = parts._replace(netloc=netloc)
+        return urlunsplit(parts)
+
+    text = re.sub(r"[a-zA-Z][a-zA-Z0-9+.-]*://[^\s'\"]+", one, text)
+    return re.sub(r"(?i)((?:token|password|secret|access_key|api_key)[^=&\s]*=)[^&\s'\"]+", r"\1***", text)
 
 
 def default_tracking_uri(storage_path: str) -> str:
@@ -66,7 +107,7 @@ def is_secret(key: str) -> bool:
 def log_params(client, run_id: str, params: Dict[str, Any]) -> None:
     from mlflow.entities import Param
 
-    items = [Param(k, str(v)[:6000]) for k, v in flatten(params).items() if not is_secret(k)]
+    items = [Param(k, redact(str(v))[:6000]) for k, v in flatten(params).items() if not is_secret(k)]
     for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
         client.log_batch(run_id, params=items[i : i + 100])
 
@@ -80,28 +121,31 @@ def metric_items(result: Dict[str, Any]) -> Dict[str, float]:
     return out
 
 
-class MlflowTracker(Callback):
+class MlflowTracker(DriverCallback):
     """A Ray Tune callback on the driver that mirrors every trial into its MLflow child run."""
+
+    driver_only = ("client",)
 
     def __init__(
         self,
-        client,
+        uri: str,
         experiment_id: str,
         parent_run_id: str,
         sweep_id: str,
         epochs_of: Callable[[Dict[str, Any]], int],
         trial_spec: Callable[[Dict[str, Any]], str],
     ):
-        self.client, self.experiment_id = client, experiment_id
+        self.uri, self.experiment_id = uri, experiment_id
         self.parent_run_id, self.sweep_id = parent_run_id, sweep_id
         self.epochs_of, self.trial_spec = epochs_of, trial_spec
         self.runs: Dict[str, str] = {}
         self.closed: Dict[str, str] = {}
+        self.rebuild()
 
-    def __getstate__(self):
-        # Tune pickles its callbacks with the experiment state; the client is driver-only
-        # (a restored experiment gets a fresh tracker).
-        return {k: v for k, v in self.__dict__.items() if k != "client"}
+    def rebuild(self) -> None:
+        self.client = client_for(self.uri)
+        # After a restart, trials re-run from their checkpoints: learn again what each has logged.
+        self.runs, self.closed, self.logged_epoch, self.nodes = {}, {}, {}, {}
 
     # --------------------------------------------------------------- child runs
     def run_for(self, trial) -> str:
@@ -116,6 +160,7 @@ class MlflowTracker(Callback):
         )
         if found:
             run_id = found[0].info.run_id
+            self.logged_epoch[tid] = int(found[0].data.metrics.get("epoch", 0))
             if found[0].info.status != "RUNNING":
                 self.client.update_run(run_id, status="RUNNING")
         else:
@@ -126,7 +171,7 @@ class MlflowTracker(Callback):
             )
             run_id = run.info.run_id
             log_params(self.client, run_id, trial.config)
-            self.client.log_text(run_id, self.trial_spec(trial.config), "trial_spec.yaml")
+            self.client.log_text(run_id, redact(self.trial_spec(trial.config)), "trial_spec.yaml")
         self.runs[tid] = run_id
         return run_id
 
@@ -145,21 +190,35 @@ class MlflowTracker(Callback):
         from mlflow.entities import Metric
 
         step = int(result.get("epoch", result.get("training_iteration", 0)))
+        run_id = self.run_for(trial)
+        if step <= self.logged_epoch.get(trial.trial_id, 0):
+            return  # an epoch re-run after a restart from an older checkpoint: keep one value per step
+        self.logged_epoch[trial.trial_id] = step
         now = int(time.time() * 1000)
         metrics = [Metric(k, v, now, step) for k, v in metric_items(result).items()]
         if metrics:
-            self.client.log_batch(self.run_for(trial), metrics=metrics)
+            self.client.log_batch(run_id, metrics=metrics)
+        node = result.get("node_id")
+        if node and self.nodes.get(trial.trial_id) != node:  # the node a (restarted) trial runs on
+            self.nodes[trial.trial_id] = node
+            self.client.set_tag(run_id, TAG_NODE, str(node))
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         last = trial.last_result or {}
         epochs = self.epochs_of(trial.config)
-        if int(last.get("epoch", 0)) < epochs:
+        self.run_for(trial)
+        done = max(int(last.get("epoch", 0)), self.logged_epoch.get(trial.trial_id, 0))
+        if done < epochs:
             self._close(trial, "KILLED", {TAG_PRUNED: "true"})
         else:
             self._close(trial, "FINISHED", {TAG_PRUNED: "false"})
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        self._close(trial, "FAILED", {TAG_ERROR: trial_error_text(trial)[-4000:]})
+        self._close(trial, "FAILED", {TAG_ERROR: redact(trial_error_text(trial))[-4000:]})
+
+    def on_trial_recover(self, iteration, trials, trial, **info):
+        # The trial restarts from its last checkpoint (failure.max_retries): same child run.
+        self.client.set_tag(self.run_for(trial), "tl_sweep.retries", str(trial.num_failures))
 
     def close_open_runs(self, trials: List[Any], status: str = "KILLED") -> None:
         """After an interrupt: close every child run still RUNNING (no orphans)."""

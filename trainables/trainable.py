@@ -42,6 +42,7 @@ class FineTuneTrial:
         self.data_cfg, self.model_cfg = config["data"], config["model"]
         self.strategy_cfg, self.train_cfg = config["strategy"], config["train"]
         self.epoch = 0
+        self.last_metrics: Dict[str, float] = {}
         self.setup()
 
     # ------------------------------------------------------------------ setup
@@ -169,6 +170,7 @@ class FineTuneTrial:
                 "epoch": self.epoch,
                 "torch_rng": torch.get_rng_state(),
                 "loader_rng": self.generator.get_state(),
+                "metrics": self.last_metrics,
             },
             Path(directory) / CHECKPOINT_FILE,
         )
@@ -186,6 +188,7 @@ class FineTuneTrial:
         self.scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["torch_rng"].cpu())
         self.generator.set_state(state["loader_rng"].cpu())
+        self.last_metrics = dict(state.get("metrics", {}))
 
     # ------------------------------------------------------------------ driver
     def fit(self, report: Callable[[Dict[str, float], Optional[str]], None], checkpoint: bool = True) -> None:
@@ -194,11 +197,16 @@ class FineTuneTrial:
         The last epoch also carries the test-split metrics (``test/acc``).
         """
         epochs = int(self.train_cfg["epochs"])
+        if self.epoch >= epochs and self.last_metrics:
+            # restored from the final checkpoint (the driver died as the trial ended): say so again
+            report(self.last_metrics, None)
+            return
         while self.epoch < epochs:
             metrics = self.train_one_epoch()
             metrics.update(self.evaluate("val"))
             if self.epoch == epochs:
                 metrics.update(self.evaluate("test"))
+            self.last_metrics = metrics
             if not checkpoint:
                 report(metrics, None)
                 continue
@@ -211,13 +219,17 @@ def train_trial(config: dict) -> None:
     """Ray Tune entry point: resume from the trial's last checkpoint, then report every epoch."""
     from ray import tune
 
+    import ray
+
     trial = FineTuneTrial(config)
     ckpt = tune.get_checkpoint()
     if ckpt is not None:
         with ckpt.as_directory() as d:
             trial.load(d)
+    node = ray.get_runtime_context().get_node_id()
 
     def report(metrics: Dict[str, float], directory: Optional[str]) -> None:
+        metrics = dict(metrics, node_id=node)  # where the trial ran (a tag in MLflow)
         tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(directory) if directory else None)
 
     trial.fit(report)
