@@ -17,7 +17,7 @@ err_console = Console(stderr=True)
 
 
 def _fail_input(msg: str) -> None:
-    err_console.print(f"error: {msg}", markup=False, highlight=False)
+    err_console.print(f"error: {msg}", markup=False, highlight=False, soft_wrap=True)
     sys.exit(EXIT_INPUT)
 
 

@@ -97,10 +97,10 @@ def new_sweep_id(name: str) -> str:
     return f"{name}-{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
 
 
-def trial_spec_yaml(raw: Dict[str, Any], spec: Spec, trial_config: Dict[str, Any]) -> str:
+def trial_spec_yaml(raw: Dict[str, Any], searched: List[str], trial_config: Dict[str, Any]) -> str:
     """The spec that re-runs exactly this trial: the search removed, its values fixed."""
     out = copy.deepcopy(raw)
-    for key in spec.search.space:
+    for key in searched:
         set_path(out, key, _get(trial_config, key))
     search = dict(out.get("search") or {})
     search.pop("space", None)
@@ -218,10 +218,14 @@ def run_sweep(spec: Spec, raw: Dict[str, Any], *, address: Optional[str] = None,
 
     printer = Printer(console)
     preflight(spec)
+    # What is stored (sweep folder, MLflow, Tune's pickled state) holds no credentials.
+    raw = yaml.safe_load(redact(yaml.safe_dump(raw, sort_keys=False)))
+    searched = list(spec.search.space)
 
     storage = Path(spec.storage.path).expanduser().resolve()
     sweep_id = new_sweep_id(spec.name)
     sweep_dir = storage / sweep_id
+    created = storage if not storage.exists() else sweep_dir  # what a rollback removes
     sweep_dir.mkdir(parents=True)
     log_file = sweep_dir / "ray.log"
     handler = _configure_logs(log_file)
@@ -241,7 +245,7 @@ def run_sweep(spec: Spec, raw: Dict[str, Any], *, address: Optional[str] = None,
         parent = client.create_run(exp_id, run_name=sweep_id, tags={TAG_SWEEP: sweep_id, TAG_ROLE: "sweep",
                                                                     "tl_sweep.varying": ",".join(spec.search.space)})
     except BaseException:
-        _rollback(sweep_dir, handler)
+        _rollback(created, handler)
         raise
     (sweep_dir / "spec.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     meta = {
@@ -252,12 +256,12 @@ def run_sweep(spec: Spec, raw: Dict[str, Any], *, address: Optional[str] = None,
     }
     write_json(sweep_dir / SWEEP_FILE, meta)
     log_params(client, parent.info.run_id, {"spec": spec.model_dump(mode="json")})
-    client.log_text(parent.info.run_id, redact(yaml.safe_dump(raw, sort_keys=False)), "spec.yaml")
+    client.log_text(parent.info.run_id, yaml.safe_dump(raw, sort_keys=False), "spec.yaml")
 
     tracker = MlflowTracker(
         uri, exp_id, parent.info.run_id, sweep_id,
         epochs_of=lambda cfg: int(cfg["train"]["epochs"]),
-        trial_spec=lambda cfg: trial_spec_yaml(raw, spec, cfg),
+        trial_spec=lambda cfg: trial_spec_yaml(raw, searched, cfg),
     )
     live = LiveTable(printer, list(spec.search.space), spec.search.metric, spec.search.mode)
     tuner = _tuner(spec, sweep_dir, tune_root, [tracker, live])
@@ -368,9 +372,10 @@ def _log_best_checkpoint(client, tracker: MlflowTracker, grid, spec: Spec) -> No
     client.set_tag(tracker.runs[trial_id], "tl_sweep.best", "true")
 
 
-def _rollback(sweep_dir: Path, handler: logging.Handler) -> None:
+def _rollback(folder: Path, handler: logging.Handler) -> None:
+    """Nothing half-written: remove what this run created before the sweep could start."""
     _shutdown_logs(handler)
-    shutil.rmtree(sweep_dir, ignore_errors=True)
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 def _shutdown_logs(handler: logging.Handler) -> None:

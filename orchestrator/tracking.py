@@ -71,7 +71,17 @@ def default_tracking_uri(storage_path: str) -> str:
 
 
 def resolve_tracking_uri(cli_uri: Optional[str], spec_uri: Optional[str], storage_path: str) -> str:
-    return cli_uri or os.environ.get("MLFLOW_TRACKING_URI") or spec_uri or default_tracking_uri(storage_path)
+    """The tracking URI without credentials: ``user:password@`` moves into MLflow's own
+    MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD for this process, so the URI that is
+    stored (sweep.json, Tune's experiment state) and printed holds no secret."""
+    uri = cli_uri or os.environ.get("MLFLOW_TRACKING_URI") or spec_uri or default_tracking_uri(storage_path)
+    parts = urlsplit(uri)
+    if parts.username or parts.password:
+        os.environ["MLFLOW_TRACKING_USERNAME"] = parts.username or ""
+        os.environ["MLFLOW_TRACKING_PASSWORD"] = parts.password or ""
+        netloc = (parts.hostname or "") + (f":{parts.port}" if parts.port else "")
+        uri = urlunsplit(parts._replace(netloc=netloc))
+    return uri
 
 
 def client_for(uri: str):
