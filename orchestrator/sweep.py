@@ -24,8 +24,8 @@ import yaml
 from orchestrator import space as sp
 from orchestrator.spec import Spec, set_path
 from orchestrator.tracking import (
-    RESTORED, TAG_ROLE, TAG_SWEEP, MlflowTracker, client_for, ensure_experiment, log_params, redact,
-    resolve_tracking_uri, write_json,
+    RESTORED, TAG_ROLE, TAG_SWEEP, MlflowTracker, client_for, ensure_experiment, find_child_run, log_params,
+    redact, resolve_tracking_uri, terminate, write_json,
 )
 
 SWEEP_FILE = "sweep.json"
@@ -237,6 +237,10 @@ def run_sweep(spec: Spec, raw: Dict[str, Any], *, address: Optional[str] = None,
         check_placement(spec, printer)
         import ray
 
+        if ray.util.client.ray.is_connected():
+            printer.line("note: with Ray Client (ray://) Tune runs the sweep on the head node, so the live table "
+                         "shows there; follow the trials in MLflow or with tl-sweep show. For the table here, "
+                         "run tl-sweep on the head with --address auto.")
         note = storage_note(spec, address, len([n for n in ray.nodes() if n.get("Alive")]))
         if note:
             printer.line(note)
@@ -341,35 +345,35 @@ def _drive(tuner, tracker: MlflowTracker, live, meta: Dict[str, Any], sweep_dir:
     status, grid = "failed", None
     try:
         grid = tuner.fit()
-        # After Ctrl-C Tune returns normally: unfinished or never-created trials tell.
-        trials = live.trials()
-        unfinished = any(t.status not in ("TERMINATED", "ERROR") for t in trials)
-        status = "interrupted" if unfinished or len(trials) < meta["num_trials"] else "finished"
+        # After Ctrl-C Tune returns normally, with trials unfinished or never created. The
+        # result grid says so in every mode (with Ray Client the callbacks run on the head).
+        status = "interrupted" if grid.num_terminated + grid.num_errors < meta["num_trials"] else "finished"
     except KeyboardInterrupt:
         status = "interrupted"
     finally:
         tracker.close_open_runs(live.trials(), "KILLED")
-        client.set_terminated(meta["parent_run_id"], status={"finished": "FINISHED", "interrupted": "KILLED"}.get(status, "FAILED"))
+        terminate(client, meta["parent_run_id"], {"finished": "FINISHED", "interrupted": "KILLED"}.get(status, "FAILED"))
         meta["status"] = status
         write_json(sweep_dir / SWEEP_FILE, meta)
         live.stop()
     if grid is not None and status == "finished":
-        _log_best_checkpoint(client, tracker, grid, spec)
+        _log_best_checkpoint(client, meta, grid, spec)
     _shutdown_logs(handler)
     return SweepOutcome(meta["id"], sweep_dir, meta["tracking_uri"], meta["parent_run_id"], status)
-def _log_best_checkpoint(client, tracker: MlflowTracker, grid, spec: Spec) -> None:
+def _log_best_checkpoint(client, meta: Dict[str, Any], grid, spec: Spec) -> None:
     """The best finished trial's last checkpoint becomes an artifact of its child run."""
     try:
         best = grid.get_best_result(metric=spec.search.metric, mode=spec.search.mode, scope="all")
     except Exception:  # no trial reported the metric (all failed)
         return
     ckpt = best.checkpoint
-    trial_id = (best.metrics or {}).get("trial_id")
-    if ckpt is None or trial_id not in tracker.runs:
+    found = find_child_run(client, meta["experiment_id"], meta["parent_run_id"], (best.metrics or {}).get("trial_id", ""))
+    if ckpt is None or not found:
         return
+    run_id = found[0].info.run_id
     with ckpt.as_directory() as d:
-        client.log_artifacts(tracker.runs[trial_id], d, artifact_path="checkpoint")
-    client.set_tag(tracker.runs[trial_id], "tl_sweep.best", "true")
+        client.log_artifacts(run_id, d, artifact_path="checkpoint")
+    client.set_tag(run_id, "tl_sweep.best", "true")
 
 
 def _rollback(folder: Path, handler: logging.Handler) -> None:

@@ -8,6 +8,8 @@ retry, workers writing to a store the driver cannot see: ray-project/ray 19978, 
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import re
@@ -82,6 +84,13 @@ def resolve_tracking_uri(cli_uri: Optional[str], spec_uri: Optional[str], storag
         netloc = (parts.hostname or "") + (f":{parts.port}" if parts.port else "")
         uri = urlunsplit(parts._replace(netloc=netloc))
     return uri
+
+
+def terminate(client, run_id: str, status: str) -> None:
+    """End a run; MLflow prints 'View run ... at' links to stdout for HTTP stores, which would
+    break the live table, so that goes nowhere (the summary prints the UI command)."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        client.set_terminated(run_id, status=status)
 
 
 def client_for(uri: str):
@@ -163,11 +172,7 @@ class MlflowTracker(DriverCallback):
         tid = trial.trial_id
         if tid in self.runs:
             return self.runs[tid]
-        found = self.client.search_runs(
-            [self.experiment_id],
-            filter_string=f"tags.`{TAG_TRIAL}` = '{tid}' and tags.`mlflow.parentRunId` = '{self.parent_run_id}'",
-            max_results=1,
-        )
+        found = find_child_run(self.client, self.experiment_id, self.parent_run_id, tid)
         if found:
             run_id = found[0].info.run_id
             self.logged_epoch[tid] = int(found[0].data.metrics.get("epoch", 0))
@@ -189,7 +194,7 @@ class MlflowTracker(DriverCallback):
         run_id = self.run_for(trial)
         for k, v in (tags or {}).items():
             self.client.set_tag(run_id, k, v)
-        self.client.set_terminated(run_id, status=status)
+        terminate(self.client, run_id, status)
         self.closed[trial.trial_id] = status
 
     # --------------------------------------------------------------- Tune hooks
@@ -235,6 +240,15 @@ class MlflowTracker(DriverCallback):
         for trial in trials:
             if trial.trial_id in self.runs and trial.trial_id not in self.closed:
                 self._close(trial, status)
+
+
+def find_child_run(client, experiment_id: str, parent_run_id: str, trial_id: str):
+    """A trial's child run, by its tags, as a one-element list (or empty)."""
+    return client.search_runs(
+        [experiment_id],
+        filter_string=f"tags.`{TAG_TRIAL}` = '{trial_id}' and tags.`mlflow.parentRunId` = '{parent_run_id}'",
+        max_results=1,
+    )
 
 
 def trial_error_text(trial) -> str:

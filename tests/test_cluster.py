@@ -118,14 +118,14 @@ def two_nodes(tmp_path_factory, ray_env):
         procs.append(subprocess.Popen([exe("ray"), *head[1:]], env=env, stdout=open(logs / "head.log", "w"), stderr=subprocess.STDOUT))
         wait(lambda: subprocess.run(health, capture_output=True, env=env).returncode == 0, "the head's health check")
         procs.append(subprocess.Popen([exe("ray"), *worker[1:]], env=env, stdout=open(logs / "worker.log", "w"), stderr=subprocess.STDOUT))
-        yield from _nodes_up(gcs, env)
+        yield from _nodes_up(gcs, env, client_port)
     finally:
         subprocess.run([exe("ray"), "stop", "--force"], capture_output=True, timeout=120, env=env)
         for p in procs:
             p.wait(timeout=60)
 
 
-def _nodes_up(gcs: int, env: dict):
+def _nodes_up(gcs: int, env: dict, client_port: int):
 
     def nodes():
         r = subprocess.run([sys.executable, "-c", (
@@ -136,14 +136,14 @@ def _nodes_up(gcs: int, env: dict):
 
     wait(lambda: len(nodes()) == 2, "two live nodes")
     worker_id = next(nid for nid, res in nodes() if res.get("worker_node"))
-    yield f"127.0.0.1:{gcs}", worker_id
+    yield f"127.0.0.1:{gcs}", worker_id, f"ray://127.0.0.1:{client_port}"
 
 
 def test_sweep_across_two_nodes_tracked_on_an_mlflow_server(tmp_path, base_spec, write_spec, mlflow_server, two_nodes):
     from mlflow.tracking import MlflowClient
 
     url, server_root = mlflow_server
-    address, worker_id = two_nodes
+    address, worker_id, _ = two_nodes
     base_spec["train"]["epochs"] = 1
     base_spec["search"].update(algorithm="grid", space={"strategy.unfreeze_last": {"grid": [0, 1]}})
     base_spec["resources"] = {"cpu": 1, "custom": {"worker_node": 1}}  # only the second node has it
@@ -185,10 +185,30 @@ def test_sweep_across_two_nodes_tracked_on_an_mlflow_server(tmp_path, base_spec,
 
 
 def test_a_trial_that_fits_no_node_fails_before_anything_starts(tmp_path, base_spec, write_spec, two_nodes):
-    address, _ = two_nodes
+    address, _, _ = two_nodes
     base_spec["resources"] = {"cpu": 1, "gpu": 1}
     base_spec["storage"]["path"] = str(tmp_path / "sweeps")
     r = run_cli(["run", str(write_spec(base_spec)), "--address", address], cwd=tmp_path, timeout=180)
     assert r.returncode == 2, r.stdout + r.stderr
     assert "resources: a trial needs 1 CPU, 1 GPU on one node, but no node of this cluster has that (2 node(s)" in r.stderr
     assert not (tmp_path / "sweeps").exists()
+
+
+def test_ray_client_address_runs_the_sweep_on_the_cluster(tmp_path, base_spec, write_spec, mlflow_server, two_nodes):
+    from mlflow.tracking import MlflowClient
+
+    url, _ = mlflow_server
+    _, worker_id, client_address = two_nodes
+    base_spec["name"] = "viaclient"
+    base_spec["train"]["epochs"] = 1
+    base_spec["search"].update(algorithm="grid", space={"strategy.unfreeze_last": {"grid": [0, 1]}})
+    base_spec["storage"]["path"] = str(tmp_path / "sweeps")
+    r = run_cli(["run", str(write_spec(base_spec)), "--address", client_address, "--tracking-uri", url], cwd=tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "with Ray Client (ray://) Tune runs the sweep on the head node" in r.stdout
+    assert "finished (2 finished)" in r.stdout and "View run" not in r.stdout
+    client = MlflowClient(tracking_uri=url)
+    exp = client.get_experiment_by_name("viaclient")
+    children = [x for x in client.search_runs([exp.experiment_id]) if x.data.tags.get("tl_sweep.role") == "trial"]
+    assert sorted(c.info.status for c in children) == ["FINISHED", "FINISHED"]
+    assert [c for c in children if c.data.tags.get("tl_sweep.best") == "true"]
