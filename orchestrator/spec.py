@@ -79,8 +79,15 @@ class ModelSpec(Strict):
 
 
 class StrategySpec(Strict):
-    name: str = "unfreeze_last"
+    name: str = "unfreeze_last"  # unfreeze_last (strategy 1) | gradual_unfreeze (strategy 2)
     unfreeze_last: int = Field(0, ge=0)
+    # gradual_unfreeze: start with the head + start_groups, one more group every unfreeze_every
+    # epochs (or at the epochs in unfreeze_at), up to max_groups below the head
+    start_groups: int = Field(0, ge=0)
+    unfreeze_every: int = Field(1, ge=1)
+    unfreeze_at: Optional[List[int]] = None
+    max_groups: Optional[int] = Field(None, ge=0)
+    bn: Literal["train", "frozen", "stats_only", "bn_only"] = "train"
     lr_decay: float = Field(1.0, gt=0, le=1)
     group_lrs: Optional[List[float]] = None  # head first, then down towards the stem
 
@@ -109,9 +116,13 @@ class TrainSpec(Strict):
     momentum: float = Field(0.9, ge=0, lt=1)
     nesterov: bool = True
     weight_decay: float = Field(0.0, ge=0)
-    scheduler: Literal["constant", "cosine", "step"] = "cosine"
+    scheduler: Literal["constant", "cosine", "step", "onecycle", "warmup"] = "cosine"
     step_size: int = Field(1, ge=1)
     gamma: float = Field(0.1, gt=0, le=1)
+    onecycle_pct: float = Field(0.3, gt=0, lt=1)
+    warmup_epochs: float = Field(0, ge=0)  # linear warm-up of every group, any scheduler
+    new_group_warmup: float = Field(0, ge=0)  # warm-up of a group that unfreezes mid-run
+    schedule_scope: Literal["shared", "per_group"] = "shared"
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: bool = True  # bf16 autocast on CUDA; ignored on CPU

@@ -19,9 +19,9 @@ from torch.utils.data import DataLoader
 
 from trainables.data import build_data
 from trainables.models import build_backbone
-from trainables.optim import build_optimizer, build_scheduler
+from trainables.optim import build_optimizer
+from trainables.schedules import group_lr
 from trainables.strategies import STRATEGIES
-from trainables.strategies.base import freeze_frozen_modules
 
 CHECKPOINT_FILE = "checkpoint.pt"
 
@@ -73,8 +73,7 @@ class FineTuneTrial:
             self.backbone, self.strategy_cfg, float(t["lr"])
         )
         self.active_groups = self.strategy.apply(self.model, 1)
-        self.optimizer = build_optimizer(self.strategy.param_groups(self.model, self.active_groups), t)
-        self.scheduler = build_scheduler(self.optimizer, t)
+        self.optimizer = build_optimizer(self._new_param_groups(self.active_groups, joined=0), t)
 
         workers = int(self.data_cfg.get("num_workers", 0))
         common = dict(num_workers=workers, pin_memory=cuda, persistent_workers=workers > 0)
@@ -86,6 +85,26 @@ class FineTuneTrial:
         eval_bs = int(t.get("eval_batch_size") or 2 * int(t["batch_size"]))
         for split in ("val", "test"):
             self.loaders[split] = DataLoader(getattr(self.data, split), batch_size=eval_bs, shuffle=False, **common)
+
+    def _new_param_groups(self, indices, joined: int):
+        groups = self.strategy.param_groups(self.model, indices)
+        for g in groups:
+            g["joined"] = joined  # the epoch (as progress) at which the group started training
+        return groups
+
+    def _sync_groups(self, epoch: int) -> None:
+        """Apply the strategy for ``epoch``; groups it newly unfreezes join the optimizer
+        (existing groups keep their optimizer state)."""
+        active = self.strategy.apply(self.model, epoch)
+        new = [i for i in active if i not in self.active_groups]
+        for g in self._new_param_groups(new, joined=epoch - 1):
+            self.optimizer.add_param_group(g)
+        self.active_groups = active
+
+    def _set_lrs(self, t: float, step_t: float) -> None:
+        total = float(self.train_cfg["epochs"])
+        for g in self.optimizer.param_groups:
+            g["lr"] = group_lr(self.train_cfg, g["base_lr"], g["joined"], t, total, step_t)
 
     # ------------------------------------------------------------------ loops
     def _inputs(self, x: torch.Tensor) -> torch.Tensor:
@@ -102,8 +121,8 @@ class FineTuneTrial:
         self.epoch += 1
         if self.train_cfg.get("fail_at_epoch") == self.epoch:
             raise RuntimeError(f"train.fail_at_epoch={self.epoch}: this trial was asked to fail (a fault-tolerance test)")
-        self.model.train()
-        freeze_frozen_modules(self.model)
+        self._sync_groups(self.epoch)
+        self.strategy.set_modes(self.model)
         # Sums stay on the device: no host sync per step.
         loss_sum = torch.zeros((), device=self.device)
         correct = torch.zeros((), device=self.device, dtype=torch.long)
@@ -112,7 +131,13 @@ class FineTuneTrial:
         # A non-finite loss stops the trial at once: checked every step on CPU, every 20 steps on
         # CUDA, where each check is a host sync.
         check_every = 20 if self.device.type == "cuda" else 1
+        steps = max(len(self.loaders["train"]), 1)
+        self._set_lrs(self.epoch - 1, self.epoch - 1)
+        head = self.backbone.head.name  # groups that unfreeze later come after the head's
+        lr = next(g["lr"] for g in self.optimizer.param_groups if g["name"] == head)
         for step, (x, y) in enumerate(self.loaders["train"]):
+            t0 = self.epoch - 1 + step / steps
+            self._set_lrs(t0, t0 + 1.0 / steps)
             x, y = self._inputs(x), y.to(self.device, non_blocking=True)
             with self._autocast():
                 logits = self.model(x)
@@ -129,13 +154,11 @@ class FineTuneTrial:
             torch.cuda.synchronize()
         elapsed = time.perf_counter() - start
         self._check_finite(loss_sum, step)
-        lr = self.optimizer.param_groups[-1]["lr"]  # the head's group comes last
-        self.scheduler.step()
         return {
             "epoch": self.epoch,
             "train/loss": loss_sum.item() / max(seen, 1),
             "train/acc": correct.item() / max(seen, 1),
-            "train/lr": lr,
+            "train/lr": lr,  # the head's LR at the start of the epoch
             "train/trainable_groups": len(self.active_groups),
             "images_per_s": seen / max(elapsed, 1e-9),
         }
@@ -166,7 +189,6 @@ class FineTuneTrial:
             {
                 "model": self.model.state_dict(),
                 "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(),
                 "epoch": self.epoch,
                 "torch_rng": torch.get_rng_state(),
                 "loader_rng": self.generator.get_state(),
@@ -183,9 +205,9 @@ class FineTuneTrial:
             raise RuntimeError(f"checkpoint {path} does not load ({type(e).__name__}: {e})") from e
         self.model.load_state_dict(state["model"])
         self.epoch = int(state["epoch"])
-        self.active_groups = self.strategy.apply(self.model, max(self.epoch, 1))
+        for epoch in range(1, self.epoch + 1):  # param groups as they were, in the order they joined
+            self._sync_groups(epoch)
         self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["torch_rng"].cpu())
         self.generator.set_state(state["loader_rng"].cpu())
         self.last_metrics = dict(state.get("metrics", {}))

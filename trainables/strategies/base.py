@@ -7,6 +7,7 @@ from torch import nn
 
 from trainables.models import Backbone
 from trainables.registry import Registry
+from trainables.strategies.batchnorm import apply_bn_grads, apply_bn_modes
 
 
 class Strategy:
@@ -39,22 +40,39 @@ class Strategy:
             return float(self._explicit[depth])
         return self.base_lr * float(self.cfg.get("lr_decay", 1.0)) ** depth
 
+    @property
+    def bn_mode(self) -> str:
+        return self.cfg.get("bn", "train")
+
     def apply(self, model: nn.Module, epoch: int) -> List[int]:
-        """Set ``requires_grad`` for ``epoch`` and return the trainable group indices."""
+        """Set ``requires_grad`` for ``epoch`` and return the indices of the groups that have
+        parameters in the optimizer (with ``bn: bn_only``, every group: its BN layers train)."""
         train = set(self.trainable_groups(epoch))
+        if self.bn_mode == "bn_only":
+            train = set(range(self.num_groups))
         named = dict(model.named_parameters())
         for i, g in enumerate(self.backbone.groups):
             for p in g.params:
                 named[p].requires_grad_(i in train)
+        apply_bn_grads(model, self.bn_mode, set(self.backbone.head.params))
         return sorted(train)
 
+    def set_modes(self, model: nn.Module) -> None:
+        """Train / eval mode of every module for an epoch of training."""
+        model.train()
+        freeze_frozen_modules(model)
+        apply_bn_modes(model, self.bn_mode)
+
     def param_groups(self, model: nn.Module, indices: Sequence[int]) -> List[Dict]:
+        """One optimizer param group per layer group: its trainable parameters, its LR."""
         named = dict(model.named_parameters())
-        return [
-            {"params": [named[p] for p in self.backbone.groups[i].params], "lr": self.group_lr(i),
-             "name": self.backbone.groups[i].name}
-            for i in indices
-        ]
+        out = []
+        for i in indices:
+            params = [named[p] for p in self.backbone.groups[i].params if named[p].requires_grad]
+            if params:
+                out.append({"params": params, "lr": self.group_lr(i), "base_lr": self.group_lr(i),
+                            "name": self.backbone.groups[i].name})
+        return out
 
 
 def freeze_frozen_modules(model: nn.Module) -> None:

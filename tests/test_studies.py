@@ -1,0 +1,43 @@
+"""Each study YAML, shrunk with --set (tiny Pets in its real layout, resnet18 from scratch at
+32 px, few epochs), runs end to end through the real tl-sweep command."""
+from __future__ import annotations
+
+import pytest
+
+from conftest import SEARCH_SPACES, run_cli
+from test_e2e import mlflow_client, only_sweep, sweep_runs
+
+pytestmark = pytest.mark.slow
+
+SHRINK = ["--set", "model.name=resnet18", "--set", "model.weights=none", "--set", "data.image_size=32",
+          "--set", "data.num_workers=0", "--set", "train.batch_size=16", "--set", "resources.cpu=1",
+          "--set", "resources.gpu=0", "--set", "search.num_samples=1"]
+
+STUDIES = {
+    "strategy2": (["--set", "train.epochs=3", "--set", "search.space.strategy.unfreeze_every={grid: [1, 2]}",
+                   "--set", "search.scheduler.grace_period=1"], 2),
+    "bn": (["--set", "train.epochs=1", "--set", "search.space.strategy.unfreeze_last={grid: [1]}"], 4),
+}
+
+
+@pytest.mark.parametrize("study", list(STUDIES))
+def test_study_runs_shrunk(study, tmp_path, pets_root):
+    extra, trials = STUDIES[study]
+    storage = tmp_path / "sweeps"
+    r = run_cli(["run", str(SEARCH_SPACES / f"{study}.yaml"), *SHRINK, *extra,
+                 "--set", f"data.root={pets_root}", "--set", f"storage.path={storage}"], cwd=tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    meta = only_sweep(storage, study)
+    client = mlflow_client(storage)
+    parent, children = sweep_runs(client, meta)
+    assert parent.info.status == "FINISHED" and len(children) == trials
+    assert all(c.info.status in ("FINISHED", "KILLED") for c in children)
+    if study == "strategy2":
+        for c in children:
+            if c.info.status == "FINISHED":
+                every = int(c.data.params["strategy.unfreeze_every"])
+                groups = [m.value for m in sorted(client.get_metric_history(c.info.run_id, "train/trainable_groups"),
+                                                  key=lambda m: m.step)]
+                assert groups == [1 + (e - 1) // every for e in (1, 2, 3)]
+    else:
+        assert sorted(c.data.params["strategy.bn"] for c in children) == ["bn_only", "frozen", "stats_only", "train"]
