@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 TRIAL_SECTIONS = ("data", "model", "strategy", "train")
 DISTRIBUTIONS = ("choice", "grid", "uniform", "loguniform", "randint", "quniform")
 # Metrics that every epoch reports, and so may drive ASHA / Optuna.
-EPOCH_METRICS = ("val/acc", "val/loss", "train/acc", "train/loss")
+EPOCH_METRICS = ("val/acc", "val/loss", "val/balanced_acc", "val/macro_f1", "train/acc", "train/loss")
 
 
 class SpecError(ValueError):
@@ -42,6 +42,16 @@ class DataSpec(Strict):
     test_fraction: float = Field(0.15, gt=0, lt=1)
     label_fraction: float = Field(1.0, gt=0, le=1)
     max_images: Optional[int] = Field(None, ge=2)
+    # imbalance: keep this fraction of the training images of a class, a group of classes
+    # (Pets: cat, dog) or every class ("*"), e.g. {cat: 0.2}
+    class_fraction: Optional[Dict[str, float]] = None
+    # augmentation of training images (torchvision.transforms.v2)
+    hflip: bool = False
+    rotation: float = Field(0.0, ge=0, le=180)  # degrees, +-
+    scale_jitter: float = Field(0.0, ge=0, lt=1)  # zoom in/out by up to this factor
+    crop_scale_min: float = Field(1.0, gt=0, le=1)  # random resized crop's smallest area; 1 = off
+    trivial_augment: bool = False
+    random_erasing: float = Field(0.0, ge=0, le=1)  # probability
     seed: int = 0
     num_workers: int = Field(0, ge=0)
 
@@ -127,6 +137,15 @@ class TrainSpec(Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: bool = True  # bf16 autocast on CUDA; ignored on CPU
     channels_last: bool = True  # on CUDA only
+    # batch mixing (soft targets), label smoothing, imbalance remedies
+    cutmix_alpha: float = Field(0.0, ge=0)
+    mixup_alpha: float = Field(0.0, ge=0)
+    mix_prob: float = Field(1.0, ge=0, le=1)
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    class_weighting: Literal["none", "inverse", "effective"] = "none"
+    effective_beta: float = Field(0.999, gt=0, lt=1)
+    sampler: Literal["uniform", "oversample"] = "uniform"
+    per_class_metrics: bool = False
     # For testing fault tolerance: the trial raises at the start of this epoch.
     fail_at_epoch: Optional[int] = Field(None, ge=1)
 

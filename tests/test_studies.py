@@ -17,6 +17,14 @@ STUDIES = {
     "strategy2": (["--set", "train.epochs=3", "--set", "search.space.strategy.unfreeze_every={grid: [1, 2]}",
                    "--set", "search.scheduler.grace_period=1"], 2),
     "bn": (["--set", "train.epochs=1", "--set", "search.space.strategy.unfreeze_last={grid: [1]}"], 4),
+    "augment": (["--set", "train.epochs=1", "--set", "search.num_samples=2", "--set", "search.scheduler.grace_period=1",
+                 "--set", "data.crop_scale_min=0.5"], 2),
+    "imbalance": (["--set", "train.epochs=1", "--set", "search.num_samples=1",
+                   "--set", "search.space.train.class_weighting={grid: [none, effective]}"], 4),
+    "binary": (["--set", "train.epochs=1", "--set", "search.scheduler.grace_period=1"], 2),
+    "deeper": (["--set", "train.epochs=1", "--set", "train.warmup_epochs=0",
+                "--set", "search.space.model.name={grid: [resnet18, 'timm:convnext_atto']}",
+                "--set", "search.space.strategy.lr_decay={grid: [0.5]}"], 2),
 }
 
 
@@ -39,5 +47,11 @@ def test_study_runs_shrunk(study, tmp_path, pets_root):
                 groups = [m.value for m in sorted(client.get_metric_history(c.info.run_id, "train/trainable_groups"),
                                                   key=lambda m: m.step)]
                 assert groups == [1 + (e - 1) // every for e in (1, 2, 3)]
-    else:
+    elif study == "bn":
         assert sorted(c.data.params["strategy.bn"] for c in children) == ["bn_only", "frozen", "stats_only", "train"]
+    elif study == "imbalance":
+        for c in children:
+            assert {"val/acc_reduced", "val/acc_rest", "val/balanced_acc", "val/macro_f1"} <= set(c.data.metrics)
+            assert any(k.startswith("val/acc_per_class/") for k in c.data.metrics)
+    elif study == "deeper":
+        assert sorted(c.data.params["model.name"] for c in children) == ["resnet18", "timm:convnext_atto"]

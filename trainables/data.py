@@ -11,7 +11,7 @@ import gzip
 import math
 import os
 import pickle
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
@@ -164,6 +164,7 @@ class DataBundle:
     val: ImageSet
     test: ImageSet
     classes: List[str]
+    reduced: List[int] = field(default_factory=list)  # classes data.class_fraction cut down
 
     @property
     def num_classes(self) -> int:
@@ -176,6 +177,7 @@ class Source:
 
     pools: Dict[str, ImageSet]
     classes: List[str]
+    groups: Dict[str, List[int]] = field(default_factory=dict)  # named groups of classes
 
 
 DATASETS: Registry[Callable[[dict], Source]] = Registry("dataset")
@@ -199,13 +201,49 @@ def build_data(cfg: dict) -> DataBundle:
     frac = float(cfg.get("label_fraction", 1.0))
     if frac < 1.0:
         train = train.subset(label_fraction_indices(train.targets, frac, seed))
+    reduced: List[int] = []
+    if cfg.get("class_fraction"):
+        fractions = resolve_class_fraction(cfg["class_fraction"], source)
+        train = train.subset(class_fraction_indices(train.targets, fractions, seed))
+        reduced = sorted(c for c, f in fractions.items() if f < 1.0)
     for name in ("val", "test"):
         if len(pools[name]) == 0:
             raise DataError(
                 f"data set {cfg['name']!r}: the {name} split is empty; raise data.{name}_fraction "
                 "or data.max_images, or add images"
             )
-    return DataBundle(train=train, val=pools["val"], test=pools["test"], classes=source.classes)
+    return DataBundle(train=train, val=pools["val"], test=pools["test"], classes=source.classes, reduced=reduced)
+
+
+def resolve_class_fraction(spec: Dict[str, float], source: "Source") -> Dict[int, float]:
+    """{class name | group name | '*': fraction} -> {class index: fraction}; a class name
+    wins over a group, a group over '*'."""
+    index = {c: i for i, c in enumerate(source.classes)}
+    out: Dict[int, float] = {}
+    for key in sorted(spec, key=lambda k: (k != "*", k in index)):  # '*' first, class names last
+        f = float(spec[key])
+        if not 0 < f <= 1:
+            raise DataError(f"data.class_fraction.{key}: {f} is not in (0, 1]")
+        if key == "*":
+            targets = range(len(source.classes))
+        elif key in index:
+            targets = [index[key]]
+        elif key in source.groups:
+            targets = source.groups[key]
+        else:
+            names = ", ".join(list(source.groups) + source.classes[:10])
+            raise DataError(f"data.class_fraction: {key!r} is neither a class nor a group of this data set; valid: {names}, ...")
+        out.update({int(c): f for c in targets})
+    return out
+
+
+def class_fraction_indices(targets: np.ndarray, fractions: Dict[int, float], seed: int) -> np.ndarray:
+    """Keep ``fractions[c]`` of class c's images (at least one), a prefix of a seed-fixed order."""
+    keep: List[int] = []
+    for c, idx in stratified_order(targets, seed + 2).items():
+        f = fractions.get(c, 1.0)
+        keep.extend(idx[: max(1, math.ceil(f * len(idx) - 1e-9))].tolist())
+    return np.sort(np.asarray(keep, dtype=np.int64))
 
 
 def _root(cfg: dict) -> Path:
@@ -273,6 +311,7 @@ def _pets(cfg: dict) -> Source:
     species = cfg.get("target", "breeds") == "species"
     pools: Dict[str, ImageSet] = {}
     breed_names: Dict[int, str] = {}
+    breed_species: Dict[int, int] = {}
     for split, pool in (("trainval", "train"), ("test", "test")):
         listing = ann / f"{split}.txt"
         if not listing.exists():
@@ -284,11 +323,16 @@ def _pets(cfg: dict) -> Source:
                 continue
             image_id, label, bin_label = parts[0], int(parts[1]) - 1, int(parts[2]) - 1
             breed_names[label] = " ".join(p.title() for p in image_id.rsplit("_", 1)[0].split("_"))
+            breed_species[label] = bin_label
             paths.append(base / "images" / f"{image_id}.jpg")
             targets.append(bin_label if species else label)
         pools[pool] = FileImageSet(paths, targets, cfg["image_size"])
     classes = ["Cat", "Dog"] if species else [breed_names[i] for i in sorted(breed_names)]
-    return Source(pools, classes)
+    # In the breeds task, the cat breeds and the dog breeds form groups (class_fraction: {cat: 0.2}).
+    groups = {"cat": [0], "dog": [1]} if species else {
+        "cat": sorted(b for b, s in breed_species.items() if s == 0),
+        "dog": sorted(b for b, s in breed_species.items() if s == 1)}
+    return Source(pools, classes, groups)
 
 
 FLOWERS_LAYOUT = """  <root>/flowers-102/jpg/image_00001.jpg ...

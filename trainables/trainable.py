@@ -15,7 +15,9 @@ from typing import Callable, Dict, Optional
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, WeightedRandomSampler
+
+from trainables.augment import Augmented, BatchMix, build_train_transform, class_weights
 
 from trainables.data import build_data
 from trainables.models import build_backbone
@@ -75,12 +77,27 @@ class FineTuneTrial:
         self.active_groups = self.strategy.apply(self.model, 1)
         self.optimizer = build_optimizer(self._new_param_groups(self.active_groups, joined=0), t)
 
+        C = self.data.num_classes
+        counts = torch.bincount(torch.as_tensor(self.data.train.targets), minlength=C)
+        weights = class_weights(counts, t.get("class_weighting", "none"), float(t.get("effective_beta", 0.999)))
+        self.loss_weights = None if weights is None else weights.to(self.device)
+        self.label_smoothing = float(t.get("label_smoothing", 0.0))
+        self.mix = BatchMix(C, float(t.get("cutmix_alpha", 0.0)), float(t.get("mixup_alpha", 0.0)),
+                            float(t.get("mix_prob", 1.0)))
+        transform = build_train_transform(self.data_cfg)
+        train_set = Augmented(self.data.train, transform) if transform else self.data.train
+
         workers = int(self.data_cfg.get("num_workers", 0))
         common = dict(num_workers=workers, pin_memory=cuda, persistent_workers=workers > 0)
         self.generator = torch.Generator().manual_seed(seed)
+        if t.get("sampler", "uniform") == "oversample":
+            # every class equally likely per draw: rare classes are seen again, with replacement
+            per_item = (1.0 / counts.clamp(min=1).double())[torch.as_tensor(self.data.train.targets)]
+            order = dict(sampler=WeightedRandomSampler(per_item, len(per_item), replacement=True, generator=self.generator))
+        else:
+            order = dict(shuffle=True, generator=self.generator)
         self.loaders = {
-            "train": DataLoader(self.data.train, batch_size=int(t["batch_size"]), shuffle=True,
-                                generator=self.generator, drop_last=False, **common),
+            "train": DataLoader(train_set, batch_size=int(t["batch_size"]), drop_last=False, **order, **common),
         }
         eval_bs = int(t.get("eval_batch_size") or 2 * int(t["batch_size"]))
         for split in ("val", "test"):
@@ -139,14 +156,18 @@ class FineTuneTrial:
             t0 = self.epoch - 1 + step / steps
             self._set_lrs(t0, t0 + 1.0 / steps)
             x, y = self._inputs(x), y.to(self.device, non_blocking=True)
+            soft = None
+            if self.mix.active:
+                x, soft = self.mix(x, y)  # soft targets: each row sums to 1
             with self._autocast():
                 logits = self.model(x)
-                loss = F.cross_entropy(logits.float(), y)
+                loss = F.cross_entropy(logits.float(), y if soft is None else soft, weight=self.loss_weights,
+                                       label_smoothing=self.label_smoothing)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
             loss_sum += loss.detach() * len(y)
-            correct += (logits.argmax(1) == y).sum()
+            correct += (logits.argmax(1) == (y if soft is None else soft.argmax(1))).sum()
             seen += len(y)
             if step % check_every == 0:
                 self._check_finite(loss_sum, step)
@@ -172,16 +193,20 @@ class FineTuneTrial:
 
     @torch.no_grad()
     def evaluate(self, split: str = "val") -> Dict[str, float]:
+        """Loss, accuracy, balanced accuracy and macro-F1 (and per class, and reduced vs other
+        classes, when asked or when data.class_fraction cut some classes down)."""
         self.model.eval()
-        loss_sum, correct, seen = 0.0, 0, 0
+        C = self.data.num_classes
+        confusion = torch.zeros(C, C, dtype=torch.long, device=self.device)
+        loss_sum = torch.zeros((), device=self.device)
         for x, y in self.loaders[split]:
             x, y = self._inputs(x), y.to(self.device, non_blocking=True)
             with self._autocast():
                 logits = self.model(x).float()
-            loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
-            correct += (logits.argmax(1) == y).sum().item()
-            seen += len(y)
-        return {f"{split}/loss": loss_sum / max(seen, 1), f"{split}/acc": correct / max(seen, 1)}
+            loss_sum += F.cross_entropy(logits, y, reduction="sum")
+            confusion += torch.bincount(y * C + logits.argmax(1), minlength=C * C).view(C, C)
+        return confusion_metrics(confusion.cpu(), loss_sum.item(), split, self.data.classes, self.data.reduced,
+                                 per_class=bool(self.train_cfg.get("per_class_metrics")) or bool(self.data.reduced))
 
     # ------------------------------------------------------------------ checkpoints
     def save(self, directory: str) -> None:
@@ -235,6 +260,35 @@ class FineTuneTrial:
             with tempfile.TemporaryDirectory(prefix="tl-sweep-ckpt-") as d:
                 self.save(d)
                 report(metrics, d)
+
+
+def confusion_metrics(confusion: torch.Tensor, loss_sum: float, split: str, classes, reduced, per_class: bool):
+    """Metrics from a confusion matrix (rows: true class, columns: predicted)."""
+    seen = int(confusion.sum())
+    support = confusion.sum(1)
+    tp = confusion.diag().double()
+    recall = tp / support.clamp(min=1)
+    precision = tp / confusion.sum(0).clamp(min=1)
+    f1 = torch.where(precision + recall > 0, 2 * precision * recall / (precision + recall), torch.zeros_like(tp))
+    present = support > 0
+    out = {
+        f"{split}/loss": loss_sum / max(seen, 1),
+        f"{split}/acc": float(tp.sum()) / max(seen, 1),
+        f"{split}/balanced_acc": float(recall[present].mean()) if present.any() else 0.0,
+        f"{split}/macro_f1": float(f1[present].mean()) if present.any() else 0.0,
+    }
+    if per_class:
+        for c, name in enumerate(classes):
+            if present[c]:
+                out[f"{split}/acc_per_class/{name}"] = float(recall[c])
+    if reduced:
+        mask = torch.zeros(len(classes), dtype=torch.bool)
+        mask[list(reduced)] = True
+        for label, m in (("reduced", mask), ("rest", ~mask)):
+            n = int(support[m].sum())
+            if n:
+                out[f"{split}/acc_{label}"] = float(tp[m].sum()) / n
+    return out
 
 
 def train_trial(config: dict) -> None:
