@@ -1,6 +1,6 @@
 """The sweep spec: YAML -> one validated, typed object, every problem reported at once.
 
-Sections: name, data, model, strategy, train, search, resources, failure, tracking, storage.
+Sections: name, data, model, strategy, train, semi, search, resources, failure, tracking, storage.
 ``search.space`` maps a dotted path of the trial config (``train.lr``) to a distribution.
 """
 from __future__ import annotations
@@ -13,7 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 # Sections of a spec that make up one trial's config (what a search may vary).
-TRIAL_SECTIONS = ("data", "model", "strategy", "train")
+TRIAL_SECTIONS = ("data", "model", "strategy", "train", "semi")
 DISTRIBUTIONS = ("choice", "grid", "uniform", "loguniform", "randint", "quniform")
 # Metrics that every epoch reports, and so may drive ASHA / Optuna.
 EPOCH_METRICS = ("val/acc", "val/loss", "val/balanced_acc", "val/macro_f1", "train/acc", "train/loss")
@@ -150,6 +150,15 @@ class TrainSpec(Strict):
     fail_at_epoch: Optional[int] = Field(None, ge=1)
 
 
+class SemiSpec(Strict):
+    """Semi-supervised use of the training images that data.label_fraction leaves unlabelled."""
+
+    method: Literal["none", "pseudo_label", "fixmatch"] = "none"
+    threshold: float = Field(0.95, ge=0, le=1)  # confidence a pseudo label needs
+    unlabeled_weight: float = Field(1.0, ge=0)  # lambda_u
+    unlabeled_ratio: float = Field(1.0, gt=0)  # mu: unlabelled images per labelled one in a step
+
+
 class Distribution(Strict):
     choice: Optional[List[Any]] = None
     grid: Optional[List[Any]] = None
@@ -249,6 +258,7 @@ class Spec(Strict):
     model: ModelSpec = ModelSpec()
     strategy: StrategySpec = StrategySpec()
     train: TrainSpec = TrainSpec()
+    semi: SemiSpec = SemiSpec()
     search: SearchSpec = SearchSpec()
     resources: ResourcesSpec = ResourcesSpec()
     failure: FailureSpec = FailureSpec()
@@ -265,7 +275,7 @@ class Spec(Strict):
 
 # --------------------------------------------------------------------------- loading
 
-SECTION_MODELS = {"data": DataSpec, "model": ModelSpec, "strategy": StrategySpec, "train": TrainSpec}
+SECTION_MODELS = {"data": DataSpec, "model": ModelSpec, "strategy": StrategySpec, "train": TrainSpec, "semi": SemiSpec}
 
 
 def _loc(loc: Tuple[Any, ...]) -> str:

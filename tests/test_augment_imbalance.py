@@ -107,3 +107,36 @@ def test_confusion_metrics():
     assert m["val/macro_f1"] == pytest.approx(sum(f1) / 3)
     assert m["val/acc_reduced"] == pytest.approx(0.5) and m["val/acc_rest"] == pytest.approx(12 / 14)
     assert m["val/acc_per_class/b"] == pytest.approx(0.5) and m["val/loss"] == pytest.approx(0.2)
+
+
+def test_label_fraction_leaves_the_rest_unlabelled():
+    cfg = {"name": "digits", "image_size": 16, "val_fraction": 0.2, "test_fraction": 0.2, "seed": 0}
+    full = build_data(cfg)
+    part = build_data(dict(cfg, label_fraction=0.1))
+    assert full.unlabeled is None
+    labeled, unlabeled = set(part.train.indices), set(part.unlabeled.indices)
+    assert not labeled & unlabeled and labeled | unlabeled == set(full.train.indices)
+
+
+@pytest.mark.parametrize("method", ["pseudo_label", "fixmatch"])
+def test_semi_supervised_trial_uses_the_unlabelled_images(base_spec, method):
+    base_spec["model"] = {"name": "resnet18", "weights": "none"}
+    base_spec["data"].update(image_size=16, max_images=200, label_fraction=0.2)
+    base_spec["train"]["epochs"] = 1
+    base_spec["semi"] = {"method": method, "threshold": 0.0, "unlabeled_ratio": 2}
+    trial = FineTuneTrial(trial_config(base_spec))
+    assert trial.loaders["unlabeled"].batch_size == 2 * base_spec["train"]["batch_size"]
+    m = trial.train_one_epoch()
+    assert m["train/mask_rate"] == pytest.approx(1.0), "threshold 0: every prediction teaches"
+    assert np.isfinite(m["train/unlabeled_loss"]) and m["train/unlabeled_loss"] > 0
+    base_spec["semi"]["threshold"] = 1.0
+    m = FineTuneTrial(trial_config(base_spec)).train_one_epoch()
+    assert m["train/mask_rate"] < 0.05 and m["train/unlabeled_loss"] < 1e-3, "nothing is that confident"
+
+
+def test_semi_supervised_without_unlabelled_images_is_plain_training(base_spec):
+    base_spec["model"] = {"name": "resnet18", "weights": "none"}
+    base_spec["data"].update(image_size=16, max_images=60)
+    base_spec["semi"] = {"method": "fixmatch"}
+    trial = FineTuneTrial(trial_config(base_spec))
+    assert trial.semi_method == "none" and "unlabeled" not in trial.loaders

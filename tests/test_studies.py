@@ -22,6 +22,8 @@ STUDIES = {
     "imbalance": (["--set", "train.epochs=1", "--set", "search.num_samples=1",
                    "--set", "search.space.train.class_weighting={grid: [none, effective]}"], 4),
     "binary": (["--set", "train.epochs=1", "--set", "search.scheduler.grace_period=1"], 2),
+    "label_fraction": (["--set", "train.epochs=1", "--set", "semi.unlabeled_ratio=1",
+                        "--set", "search.space.data.label_fraction={grid: [0.5]}"], 3),
     "deeper": (["--set", "train.epochs=1", "--set", "train.warmup_epochs=0",
                 "--set", "search.space.model.name={grid: [resnet18, 'timm:convnext_atto']}",
                 "--set", "search.space.strategy.lr_decay={grid: [0.5]}"], 2),
@@ -53,5 +55,10 @@ def test_study_runs_shrunk(study, tmp_path, pets_root):
         for c in children:
             assert {"val/acc_reduced", "val/acc_rest", "val/balanced_acc", "val/macro_f1"} <= set(c.data.metrics)
             assert any(k.startswith("val/acc_per_class/") for k in c.data.metrics)
+    elif study == "label_fraction":
+        by_method = {c.data.params["semi.method"]: c for c in children}
+        assert set(by_method) == {"none", "pseudo_label", "fixmatch"}
+        assert "train/mask_rate" in by_method["fixmatch"].data.metrics
+        assert "train/mask_rate" not in by_method["none"].data.metrics
     elif study == "deeper":
         assert sorted(c.data.params["model.name"] for c in children) == ["resnet18", "timm:convnext_atto"]

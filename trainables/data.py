@@ -165,6 +165,7 @@ class DataBundle:
     test: ImageSet
     classes: List[str]
     reduced: List[int] = field(default_factory=list)  # classes data.class_fraction cut down
+    unlabeled: Optional[ImageSet] = None  # the training images label_fraction left out
 
     @property
     def num_classes(self) -> int:
@@ -199,8 +200,11 @@ def build_data(cfg: dict) -> DataBundle:
             pools[name] = train.subset(idx)
         train = train.subset(rest)
     frac = float(cfg.get("label_fraction", 1.0))
+    unlabeled = None
     if frac < 1.0:
-        train = train.subset(label_fraction_indices(train.targets, frac, seed))
+        labeled = label_fraction_indices(train.targets, frac, seed)
+        unlabeled = train.subset(np.setdiff1d(np.arange(len(train)), labeled))  # for semi-supervised use
+        train = train.subset(labeled)
     reduced: List[int] = []
     if cfg.get("class_fraction"):
         fractions = resolve_class_fraction(cfg["class_fraction"], source)
@@ -212,7 +216,8 @@ def build_data(cfg: dict) -> DataBundle:
                 f"data set {cfg['name']!r}: the {name} split is empty; raise data.{name}_fraction "
                 "or data.max_images, or add images"
             )
-    return DataBundle(train=train, val=pools["val"], test=pools["test"], classes=source.classes, reduced=reduced)
+    return DataBundle(train=train, val=pools["val"], test=pools["test"], classes=source.classes, reduced=reduced,
+                      unlabeled=unlabeled)
 
 
 def resolve_class_fraction(spec: Dict[str, float], source: "Source") -> Dict[int, float]:

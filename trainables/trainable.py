@@ -23,6 +23,7 @@ from trainables.data import build_data
 from trainables.models import build_backbone
 from trainables.optim import build_optimizer
 from trainables.schedules import group_lr
+from trainables.semi import Views, unlabeled_loss
 from trainables.strategies import STRATEGIES
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -99,6 +100,15 @@ class FineTuneTrial:
         self.loaders = {
             "train": DataLoader(train_set, batch_size=int(t["batch_size"]), drop_last=False, **order, **common),
         }
+        semi = self.config.get("semi") or {}
+        unlabeled = self.data.unlabeled
+        self.semi_method = semi.get("method", "none") if unlabeled is not None and len(unlabeled) else "none"
+        self.semi_cfg = semi
+        self.u_generator = torch.Generator().manual_seed(seed + 1)
+        if self.semi_method != "none":
+            views = Views(unlabeled, int(self.data_cfg["image_size"]), strong=self.semi_method == "fixmatch")
+            u_batch = max(1, int(round(float(semi.get("unlabeled_ratio", 1.0)) * int(t["batch_size"]))))
+            self.loaders["unlabeled"] = DataLoader(views, batch_size=u_batch, shuffle=True, generator=self.u_generator, **common)
         eval_bs = int(t.get("eval_batch_size") or 2 * int(t["batch_size"]))
         for split in ("val", "test"):
             self.loaders[split] = DataLoader(getattr(self.data, split), batch_size=eval_bs, shuffle=False, **common)
@@ -149,6 +159,10 @@ class FineTuneTrial:
         # CUDA, where each check is a host sync.
         check_every = 20 if self.device.type == "cuda" else 1
         steps = max(len(self.loaders["train"]), 1)
+        semi = self.semi_method != "none"
+        u_iter = iter(self.loaders["unlabeled"]) if semi else None
+        u_loss_sum = torch.zeros((), device=self.device)
+        mask_sum = torch.zeros((), device=self.device)
         self._set_lrs(self.epoch - 1, self.epoch - 1)
         head = self.backbone.head.name  # groups that unfreeze later come after the head's
         lr = next(g["lr"] for g in self.optimizer.param_groups if g["name"] == head)
@@ -163,6 +177,17 @@ class FineTuneTrial:
                 logits = self.model(x)
                 loss = F.cross_entropy(logits.float(), y if soft is None else soft, weight=self.loss_weights,
                                        label_smoothing=self.label_smoothing)
+            if semi:
+                try:
+                    weak, strong = next(u_iter)
+                except StopIteration:  # the unlabelled pool runs out before the labelled one: again
+                    u_iter = iter(self.loaders["unlabeled"])
+                    weak, strong = next(u_iter)
+                lu, rate = unlabeled_loss(self.model, self._inputs(weak), self._inputs(strong), self.semi_method,
+                                          float(self.semi_cfg.get("threshold", 0.95)), self._autocast)
+                loss = loss + float(self.semi_cfg.get("unlabeled_weight", 1.0)) * lu
+                u_loss_sum += lu.detach()
+                mask_sum += rate
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
@@ -175,7 +200,9 @@ class FineTuneTrial:
             torch.cuda.synchronize()
         elapsed = time.perf_counter() - start
         self._check_finite(loss_sum, step)
+        extra = {"train/unlabeled_loss": u_loss_sum.item() / steps, "train/mask_rate": mask_sum.item() / steps} if semi else {}
         return {
+            **extra,
             "epoch": self.epoch,
             "train/loss": loss_sum.item() / max(seen, 1),
             "train/acc": correct.item() / max(seen, 1),
@@ -217,6 +244,7 @@ class FineTuneTrial:
                 "epoch": self.epoch,
                 "torch_rng": torch.get_rng_state(),
                 "loader_rng": self.generator.get_state(),
+                "unlabeled_rng": self.u_generator.get_state(),
                 "metrics": self.last_metrics,
             },
             Path(directory) / CHECKPOINT_FILE,
@@ -235,6 +263,7 @@ class FineTuneTrial:
         self.optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["torch_rng"].cpu())
         self.generator.set_state(state["loader_rng"].cpu())
+        self.u_generator.set_state(state["unlabeled_rng"].cpu())
         self.last_metrics = dict(state.get("metrics", {}))
 
     # ------------------------------------------------------------------ driver
