@@ -15,14 +15,14 @@ import secrets
 import shutil
 import sys
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import yaml
 
 from orchestrator import space as sp
-from orchestrator.spec import Spec, set_path
+from orchestrator.spec import Spec, get_path, set_path
 from orchestrator.tracking import (
     RESTORED, TAG_ROLE, TAG_SWEEP, MlflowTracker, client_for, ensure_experiment, find_child_run, log_params,
     redact, resolve_tracking_uri, terminate, write_json,
@@ -42,7 +42,6 @@ class SweepOutcome:
     tracking_uri: str
     parent_run_id: str
     status: str
-    trials: List[Dict[str, Any]] = field(default_factory=list)
 
 
 # --------------------------------------------------------------------------- preflight
@@ -101,18 +100,12 @@ def trial_spec_yaml(raw: Dict[str, Any], searched: List[str], trial_config: Dict
     """The spec that re-runs exactly this trial: the search removed, its values fixed."""
     out = copy.deepcopy(raw)
     for key in searched:
-        set_path(out, key, _get(trial_config, key))
+        set_path(out, key, get_path(trial_config, key))
     search = dict(out.get("search") or {})
     search.pop("space", None)
     search.update(algorithm="random", num_samples=1, scheduler={"type": "fifo"})
     out["search"] = search
     return yaml.safe_dump(out, sort_keys=False)
-
-
-def _get(d: Dict[str, Any], dotted: str) -> Any:
-    for p in dotted.split("."):
-        d = d[p]
-    return d
 
 
 def _configure_logs(log_file: Path) -> logging.Handler:

@@ -2,7 +2,6 @@
 a retried trial. Totals are compared with an uninterrupted run of the same spec."""
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess

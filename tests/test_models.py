@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
 
 from trainables.models import WeightsError, build_backbone
 from trainables.optim import build_optimizer

@@ -1,10 +1,8 @@
 """The spec: distributions, shipped YAMLs, and bad input -> exit 2 with the key path."""
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
-import yaml
 from click.testing import CliRunner
 
 from conftest import SEARCH_SPACES, run_cli

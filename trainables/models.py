@@ -7,7 +7,6 @@ strategy work on that list, never on a model's attribute names.
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple

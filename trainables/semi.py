@@ -10,7 +10,7 @@ Only predictions with confidence >= ``threshold`` count; the unlabelled loss is 
 """
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple
+from typing import Tuple
 
 import torch
 import torch.nn.functional as F
