@@ -14,6 +14,8 @@ SHRINK = ["--set", "model.name=resnet18", "--set", "model.weights=none", "--set"
           "--set", "resources.gpu=0", "--set", "search.num_samples=1"]
 
 STUDIES = {
+    "strategy1": (["--set", "train.epochs=2", "--set", "search.space.strategy.unfreeze_last={grid: [1, 3]}",
+                   "--set", "search.scheduler.grace_period=1"], 2),
     "strategy2": (["--set", "train.epochs=3", "--set", "search.space.strategy.unfreeze_every={grid: [1, 2]}",
                    "--set", "search.scheduler.grace_period=1"], 2),
     "bn": (["--set", "train.epochs=1", "--set", "search.space.strategy.unfreeze_last={grid: [1]}"], 4),
@@ -42,7 +44,9 @@ def test_study_runs_shrunk(study, tmp_path, pets_root):
     parent, children = sweep_runs(client, meta)
     assert parent.info.status == "FINISHED" and len(children) == trials
     assert all(c.info.status in ("FINISHED", "KILLED") for c in children)
-    if study == "strategy2":
+    if study == "strategy1":
+        assert sorted(c.data.params["strategy.unfreeze_last"] for c in children) == ["1", "3"]
+    elif study == "strategy2":
         for c in children:
             if c.info.status == "FINISHED":
                 every = int(c.data.params["strategy.unfreeze_every"])
