@@ -59,7 +59,7 @@ def test_optuna_without_grid_samples_every_distribution(base_spec):
     searcher = sp.search_algorithm(s)
     for i in range(5):
         p = searcher.suggest(f"t{i}")
-        assert 1 <= p["train"]["epochs"] <= 3
+        assert p["train"]["epochs"] in (1, 2, 3)
         assert any(math.isclose(p["strategy"]["lr_decay"], v) for v in (0.5, 0.75, 1.0))
 
 
