@@ -205,10 +205,11 @@ def test_ray_client_address_runs_the_sweep_on_the_cluster(tmp_path, base_spec, w
     base_spec["storage"]["path"] = str(tmp_path / "sweeps")
     r = run_cli(["run", str(write_spec(base_spec)), "--address", client_address, "--tracking-uri", url], cwd=tmp_path)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "with Ray Client (ray://) Tune runs the sweep on the head node" in r.stdout
-    assert "finished (2 finished)" in r.stdout and "View run" not in r.stdout
+    out = r.stdout + r.stderr
+    assert "with Ray Client (ray://) Tune runs the sweep on the head node" in r.stdout, out
+    assert "finished (2 finished)" in r.stdout and "View run" not in r.stdout, out
     client = MlflowClient(tracking_uri=url)
     exp = client.get_experiment_by_name("viaclient")
     children = [x for x in client.search_runs([exp.experiment_id]) if x.data.tags.get("tl_sweep.role") == "trial"]
-    assert sorted(c.info.status for c in children) == ["FINISHED", "FINISHED"]
-    assert [c for c in children if c.data.tags.get("tl_sweep.best") == "true"]
+    assert sorted(c.info.status for c in children) == ["FINISHED", "FINISHED"], ([c.data.tags for c in children], out)
+    assert [c for c in children if c.data.tags.get("tl_sweep.best") == "true"], ([c.data.tags for c in children], out)
