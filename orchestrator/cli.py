@@ -95,17 +95,18 @@ def run(spec_file: str, overrides: List[str], address: Optional[str], tracking_u
             out = run_sweep(spec, raw, address=address, tracking_uri=tracking_uri, console=console)
         except InputError as e:
             _fail_input(str(e))
-        failed |= _summary(console, out, spec)
+        failed |= _summary(console, out)
         if out.status == "interrupted":
             sys.exit(130)
     sys.exit(1 if failed else 0)
 
 
-def _summary(console: Console, out, spec) -> bool:
+def _summary(console: Console, out) -> bool:
     """Print the one-line summary; True when no trial produced a result."""
     from orchestrator.results import find_sweep, leaderboard
 
-    meta = find_sweep(str(out.sweep_dir), spec.storage.path)
+    meta = find_sweep(str(out.sweep_dir), str(out.sweep_dir.parent))
+    metric = meta["metric"]
     rows = leaderboard(meta)
     ranked = [r for r in rows if r.best is not None]
     counts = {s: sum(r.status == s for r in rows) for s in ("FINISHED", "PRUNED", "FAILED", "KILLED")}
@@ -117,13 +118,13 @@ def _summary(console: Console, out, spec) -> bool:
                       markup=False, soft_wrap=True)
         return False
     if not ranked:
-        console.print(f"sweep {out.sweep_id}: no trial reported {spec.search.metric} ({tally}). "
+        console.print(f"sweep {out.sweep_id}: no trial reported {metric} ({tally}). "
                       f"Errors: tl-sweep show {out.sweep_id}; Ray log: {out.sweep_dir / 'ray.log'}", markup=False)
         return True
     best = ranked[0]
     values = " ".join(f"{k}={v}" for k, v in best.values.items())
     console.print(
-        f"sweep {out.sweep_id} {out.status} ({tally}): best trial {best.trial} {spec.search.metric}={best.best:.4f}"
+        f"sweep {out.sweep_id} {out.status} ({tally}): best trial {best.trial} {metric}={best.best:.4f}"
         f"{' ' + values if values else ''} | UI: {ui} | export: tl-sweep export {out.sweep_id} --top 1 -o best.yaml",
         markup=False, soft_wrap=True,
     )
@@ -157,11 +158,7 @@ def resume(sweep: str, storage: str, address: Optional[str]) -> None:
         out = resume_sweep(meta, address=address, console=Console())
     except (InputError, SpecError) as e:
         _fail_input(str(e))
-    from orchestrator.spec import validate
-    import yaml
-
-    spec = validate(yaml.safe_load((Path(meta["path"]) / "spec.yaml").read_text()))
-    failed = _summary(Console(), out, spec)
+    failed = _summary(Console(), out)
     sys.exit(130 if out.status == "interrupted" else 1 if failed else 0)
 
 

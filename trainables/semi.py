@@ -10,7 +10,7 @@ Only predictions with confidence >= ``threshold`` count; the unlabelled loss is 
 """
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -34,7 +34,8 @@ def strong_transform(size: int):
 
 
 class Views(ImageSet):
-    """Unlabelled images as (weak view, strong view or the weak one again); labels are dropped."""
+    """Unlabelled images as (weak view, strong view), or the weak view alone when no strong
+    view is asked for; labels are dropped."""
 
     def __init__(self, base: ImageSet, size: int, strong: bool):
         self.base, self.targets = base, base.targets
@@ -42,13 +43,15 @@ class Views(ImageSet):
 
     def __getitem__(self, i: int):
         x, _ = self.base[i]
-        w = self.weak(x)
-        return w, (self.strong(x) if self.strong is not None else w)
+        if self.strong is None:
+            return self.weak(x)
+        return self.weak(x), self.strong(x)
 
 
-def unlabeled_loss(model, weak: torch.Tensor, strong: torch.Tensor, method: str, threshold: float,
+def unlabeled_loss(model, weak: torch.Tensor, strong: Optional[torch.Tensor], method: str, threshold: float,
                    autocast) -> Tuple[torch.Tensor, torch.Tensor]:
-    """The masked pseudo-label loss and the fraction of unlabelled images above the threshold."""
+    """The masked pseudo-label loss and the fraction of unlabelled images above the threshold
+    (``strong`` is used by fixmatch only)."""
     if method == "fixmatch":
         with torch.no_grad(), autocast():
             probs = model(weak).float().softmax(1)

@@ -179,12 +179,13 @@ class FineTuneTrial:
                                        label_smoothing=self.label_smoothing)
             if semi:
                 try:
-                    weak, strong = next(u_iter)
+                    views = next(u_iter)
                 except StopIteration:  # the unlabelled pool runs out before the labelled one: again
                     u_iter = iter(self.loaders["unlabeled"])
-                    weak, strong = next(u_iter)
-                lu, rate = unlabeled_loss(self.model, self._inputs(weak), self._inputs(strong), self.semi_method,
-                                          float(self.semi_cfg.get("threshold", 0.95)), self._autocast)
+                    views = next(u_iter)
+                weak, strong = views if self.semi_method == "fixmatch" else (views, None)
+                lu, rate = unlabeled_loss(self.model, self._inputs(weak), None if strong is None else self._inputs(strong),
+                                          self.semi_method, float(self.semi_cfg.get("threshold", 0.95)), self._autocast)
                 loss = loss + float(self.semi_cfg.get("unlabeled_weight", 1.0)) * lu
                 u_loss_sum += lu.detach()
                 mask_sum += rate
