@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from orchestrator.spec import SpecError, load_specs
+from trainables import metrics as M
 
 EXIT_INPUT = 2
 err_console = Console(stderr=True)
@@ -45,23 +46,37 @@ def cli() -> None:
 @click.argument("spec_file", type=click.Path(dir_okay=False))
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="Override a field, e.g. --set train.epochs=2 (repeatable; the value is YAML).")
-def validate(spec_file: str, overrides: List[str]) -> None:
+@click.option("--check", is_flag=True,
+              help="Also build the data sets, backbones and strategies the sweep would (here, not on a cluster).")
+def validate(spec_file: str, overrides: List[str], check: bool) -> None:
     """Validate SPEC_FILE and print the resolved search; start nothing.
+
+    Without --check this needs neither torch nor Ray: whether the data set and the weights load
+    is checked when the sweep starts, on a node where trials run.
 
     \b
     Example:
       tl-sweep validate search_spaces/strategy1.yaml --set train.lr=0.01
+      tl-sweep validate search_spaces/quickstart.yaml --check
     """
-    from orchestrator.space import num_trials
+    from orchestrator.space import describe, num_trials
 
     for spec, _, notes in _load(spec_file, overrides):
+        if check:
+            from orchestrator.sweep import check_configs
+            from trainables.check import check_each
+
+            problems = check_each(check_configs(spec))
+            if problems:
+                _fail_input("\n".join(f"{p['label'] + ': ' if p['label'] else ''}{p['key']}: {p['message']}"
+                                       for p in problems))
         for n in notes:
             click.echo(f"note: {n}")
         click.echo(f"{spec_file}: valid spec {spec.name!r}: {num_trials(spec)} trial(s), "
                    f"algorithm {spec.search.algorithm}, scheduler {spec.search.scheduler.type}, "
                    f"metric {spec.search.metric} ({spec.search.mode})")
-        for k, d in spec.search.space.items():
-            click.echo(f"  {k}: {d.to_yaml()}")
+        if spec.search.space:
+            click.echo(describe(spec))
 
 
 @cli.command()
@@ -83,7 +98,8 @@ def run(spec_file: str, overrides: List[str], address: Optional[str], tracking_u
       tl-sweep run search_spaces/strategy1.yaml --set train.epochs=2 --set search.num_samples=2
       tl-sweep run best.yaml
     """
-    from orchestrator.sweep import InputError, run_sweep
+    from orchestrator.sweep import run_sweep
+    from orchestrator.sweepdir import InputError
 
     loaded = _load(spec_file, overrides)
     console = Console()
@@ -103,11 +119,10 @@ def run(spec_file: str, overrides: List[str], address: Optional[str], tracking_u
 
 def _summary(console: Console, out) -> bool:
     """Print the one-line summary; True when no trial produced a result."""
-    from orchestrator.results import find_sweep, leaderboard
+    from orchestrator.results import leaderboard
 
-    meta = find_sweep(str(out.sweep_dir), str(out.sweep_dir.parent))
-    metric = meta["metric"]
-    rows = leaderboard(meta)
+    metric = out.sweep.meta["metric"]
+    rows = leaderboard(out.sweep)
     ranked = [r for r in rows if r.best is not None]
     counts = {s: sum(r.status == s for r in rows) for s in ("FINISHED", "PRUNED", "FAILED", "KILLED")}
     tally = ", ".join(f"{v} {k.lower()}" for k, v in counts.items() if v)
@@ -118,8 +133,9 @@ def _summary(console: Console, out) -> bool:
                       markup=False, soft_wrap=True)
         return False
     if not ranked:
+        log = out.sweep.local / "ray.log" if out.sweep.local else "the driver's sweep folder"
         console.print(f"sweep {out.sweep_id}: no trial reported {metric} ({tally}). "
-                      f"Errors: tl-sweep show {out.sweep_id}; Ray log: {out.sweep_dir / 'ray.log'}", markup=False)
+                      f"Errors: tl-sweep show {out.sweep_id}; Ray log: {log}", markup=False)
         return True
     best = ranked[0]
     values = " ".join(f"{k}={v}" for k, v in best.values.items())
@@ -133,7 +149,7 @@ def _summary(console: Console, out) -> bool:
 
 @cli.command()
 @click.argument("sweep")
-@click.option("--storage", default="sweeps", show_default=True, help="The sweeps folder (storage.path).")
+@click.option("--storage", default="sweeps", show_default=True, help="Where the sweeps are: the storage.path folder, or a storage.uri (s3://...).")
 @click.option("--address", default=None, metavar="ADDR",
               help="Ray cluster to run on: auto, or ray://host:10001 (default: $RAY_ADDRESS, else a local Ray).")
 def resume(sweep: str, storage: str, address: Optional[str]) -> None:
@@ -147,15 +163,16 @@ def resume(sweep: str, storage: str, address: Optional[str]) -> None:
     Example:
       tl-sweep resume quickstart-20261123-084006-0ee0
     """
-    from orchestrator.results import find_sweep
     from orchestrator.spec import SpecError
-    from orchestrator.sweep import InputError, resume_sweep
+    from orchestrator.sweep import resume_sweep
+    from orchestrator.sweepdir import InputError, find_sweep
 
     try:
-        meta = find_sweep(sweep, storage)
-        if meta.get("status") == "finished":
-            raise InputError(f"sweep {meta['id']} has finished: nothing to resume (see tl-sweep show {meta['id']})")
-        out = resume_sweep(meta, address=address, console=Console())
+        found = find_sweep(sweep, storage)
+        if found.meta.get("status") == "finished":
+            raise InputError(f"sweep {found.id} has finished: nothing to resume (see tl-sweep show {found.id})")
+        out = resume_sweep(found, address=address, storage_path=storage if "://" not in storage else "sweeps",
+                           console=Console())
     except (InputError, SpecError) as e:
         _fail_input(str(e))
     failed = _summary(Console(), out)
@@ -163,7 +180,7 @@ def resume(sweep: str, storage: str, address: Optional[str]) -> None:
 
 
 @cli.command(name="ls")
-@click.option("--storage", default="sweeps", show_default=True, help="The sweeps folder (storage.path).")
+@click.option("--storage", default="sweeps", show_default=True, help="Where the sweeps are: the storage.path folder, or a storage.uri (s3://...).")
 def ls_(storage: str) -> None:
     """List the sweeps under the storage folder, oldest first.
 
@@ -171,21 +188,25 @@ def ls_(storage: str) -> None:
     Example:
       tl-sweep ls --storage sweeps
     """
-    from orchestrator.results import list_sweeps
+    from orchestrator.sweepdir import InputError, list_sweeps, open_store
 
-    sweeps = list_sweeps(storage)
+    try:
+        sweeps = list_sweeps(storage)
+    except InputError as e:
+        _fail_input(str(e))
     if not sweeps:
-        click.echo(f"no sweeps under {Path(storage).resolve()}")
+        click.echo(f"no sweeps under {open_store(storage).display}")
         return
     t = Table("sweep", "name", "created", "status", "trials", "metric")
-    for m in sweeps:
+    for sw in sweeps:
+        m = sw.meta
         t.add_row(m["id"], m["name"], m.get("created", ""), m.get("status", ""), str(m.get("num_trials", "")), m.get("metric", ""))
     Console(width=200).print(t)
 
 
 @cli.command()
 @click.argument("sweep")
-@click.option("--storage", default="sweeps", show_default=True, help="The sweeps folder (storage.path).")
+@click.option("--storage", default="sweeps", show_default=True, help="Where the sweeps are: the storage.path folder, or a storage.uri (s3://...).")
 def show(sweep: str, storage: str) -> None:
     """Print the leaderboard of SWEEP (an id, a name for its latest sweep, or a folder).
 
@@ -193,16 +214,17 @@ def show(sweep: str, storage: str) -> None:
     Example:
       tl-sweep show quickstart
     """
-    from orchestrator.results import find_sweep, leaderboard
-    from orchestrator.sweep import InputError
+    from orchestrator.results import leaderboard
+    from orchestrator.sweepdir import InputError, find_sweep
 
     try:
-        meta = find_sweep(sweep, storage)
+        found = find_sweep(sweep, storage)
     except InputError as e:
         _fail_input(str(e))
-    rows = leaderboard(meta)
+    meta = found.meta
+    rows = leaderboard(found)
     t = Table(title=f"{meta['id']} ({meta.get('status')}) - best {meta['metric']} ({meta['mode']})")
-    for col in ["rank", "trial", *meta.get("varying", []), f"best {meta['metric']}", "epochs", "status", "test/acc"]:
+    for col in ["rank", "trial", *meta.get("varying", []), f"best {meta['metric']}", "epochs", "status", M.TEST_ACC]:
         t.add_column(col)
     for i, r in enumerate(rows, 1):
         status = r.status if not r.error else f"{r.status}: {r.error.splitlines()[-1][:80]}"
@@ -215,7 +237,7 @@ def show(sweep: str, storage: str) -> None:
 @click.argument("sweep")
 @click.option("--top", default=1, show_default=True, type=click.IntRange(min=1), help="How many of the best trials.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), default=None, help="Write here (default: stdout).")
-@click.option("--storage", default="sweeps", show_default=True, help="The sweeps folder (storage.path).")
+@click.option("--storage", default="sweeps", show_default=True, help="Where the sweeps are: the storage.path folder, or a storage.uri (s3://...).")
 def export(sweep: str, top: int, output: Optional[str], storage: str) -> None:
     """Write the top K configs of SWEEP as specs that re-run as is (search removed).
 
@@ -223,8 +245,8 @@ def export(sweep: str, top: int, output: Optional[str], storage: str) -> None:
     Example:
       tl-sweep export quickstart --top 1 -o best.yaml && tl-sweep run best.yaml
     """
-    from orchestrator.results import export_best, find_sweep
-    from orchestrator.sweep import InputError
+    from orchestrator.results import export_best
+    from orchestrator.sweepdir import InputError, find_sweep
 
     try:
         text = export_best(find_sweep(sweep, storage), top)

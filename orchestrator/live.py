@@ -8,7 +8,9 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from orchestrator.tracking import DriverCallback, short_error, trial_error_text
+from orchestrator.spec import get_path
+from orchestrator.tracking import DriverCallback, short_error, trial_error_text, trial_outcome
+from trainables import metrics as M
 
 
 def fmt(v: Any) -> str:
@@ -28,8 +30,6 @@ class Printer:
 class LiveTable(DriverCallback):
     """Trial id, the values that vary, status, epoch, the metric and the best so far."""
 
-    driver_only = ("printer", "_live", "_trials")
-
     def __init__(self, printer: Printer, varying: List[str], metric: str, mode: str):
         self.printer, self.varying, self.metric, self.mode = printer, varying, metric, mode
         self.rows: Dict[str, Dict[str, Any]] = {}
@@ -37,9 +37,6 @@ class LiveTable(DriverCallback):
         self.best: Optional[float] = None
         self.best_trial: Optional[str] = None
         self._live: Optional[Live] = None
-
-    def rebuild(self) -> None:
-        self.printer, self._live, self._trials = Printer(), None, {}
 
     # ------------------------------------------------------------------ rendering
     def _better(self, a: float, b: Optional[float]) -> bool:
@@ -78,11 +75,11 @@ class LiveTable(DriverCallback):
 
     def _row(self, trial) -> Dict[str, Any]:
         self._trials[trial.trial_id] = trial
-        return self.rows.setdefault(trial.trial_id, {"values": {k: _get(trial.config, k) for k in self.varying}})
+        return self.rows.setdefault(trial.trial_id, {"values": {k: get_path(trial.config, k, "") for k in self.varying}})
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         row = self._row(trial)
-        row["epoch"] = result.get("epoch")
+        row["epoch"] = result.get(M.EPOCH)
         value = result.get(self.metric)
         if isinstance(value, (int, float)):
             row["last"] = value
@@ -94,8 +91,7 @@ class LiveTable(DriverCallback):
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         row = self._row(trial)
-        epochs = int(trial.config["train"]["epochs"])
-        row["status"] = "done" if int(row.get("epoch") or 0) >= epochs else "pruned"
+        row["status"] = trial_outcome(trial, int(row.get("epoch") or 0))
         self._event(trial.trial_id, f"{row['status']} after {row.get('epoch')} epoch(s)")
 
     def on_trial_error(self, iteration, trials, trial, **info):
@@ -110,10 +106,3 @@ class LiveTable(DriverCallback):
     def trials(self) -> List[Any]:
         return list(self._trials.values())
 
-
-def _get(d: Dict[str, Any], dotted: str) -> Any:
-    for p in dotted.split("."):
-        if not isinstance(d, dict) or p not in d:
-            return ""
-        d = d[p]
-    return d

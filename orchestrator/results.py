@@ -1,47 +1,15 @@
-"""Sweeps on disk and their results in MLflow: list, leaderboard, export of the best configs."""
+"""A sweep's results in MLflow: leaderboard, export of the best configs."""
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Dict, List, Optional
 
 import yaml
 
-from orchestrator.sweep import SWEEP_FILE, InputError
-from orchestrator.tracking import TAG_PRUNED, TAG_TRIAL, client_for
-
-
-def list_sweeps(storage: str) -> List[Dict[str, Any]]:
-    root = Path(storage).expanduser()
-    if not root.is_dir():
-        return []
-    out = []
-    for f in sorted(root.glob(f"*/{SWEEP_FILE}")):
-        try:
-            meta = json.loads(f.read_text())
-        except (OSError, json.JSONDecodeError):
-            continue
-        meta["path"] = str(f.parent)
-        out.append(meta)
-    return sorted(out, key=lambda m: m.get("created", ""))
-
-
-def find_sweep(ref: str, storage: str) -> Dict[str, Any]:
-    """A sweep by folder path, id, or name (its latest sweep)."""
-    p = Path(ref).expanduser()
-    if (p / SWEEP_FILE).is_file():
-        meta = json.loads((p / SWEEP_FILE).read_text())
-        meta["path"] = str(p)
-        return meta
-    sweeps = list_sweeps(storage)
-    exact = [m for m in sweeps if m["id"] == ref]
-    named = [m for m in sweeps if m["name"] == ref or m["id"].startswith(ref)]
-    hit = exact or named
-    if not hit:
-        known = ", ".join(m["id"] for m in sweeps[-5:]) or "none"
-        raise InputError(f"no sweep {ref!r} under {Path(storage).resolve()} (latest: {known}); see tl-sweep ls")
-    return hit[-1]
+from orchestrator.sweepdir import InputError, Sweep
+from orchestrator.tracking import TAG_ERROR, TAG_PRUNED, TAG_TRIAL, client_for
+from trainables import metrics as M
 
 
 @dataclass
@@ -56,8 +24,9 @@ class Row:
     error: str = ""
 
 
-def leaderboard(meta: Dict[str, Any]) -> List[Row]:
+def leaderboard(sweep: Sweep) -> List[Row]:
     """One row per trial's child run, best first (by the sweep's metric and mode)."""
+    meta = sweep.meta
     client = client_for(meta["tracking_uri"])
     runs = client.search_runs(
         [meta["experiment_id"]],
@@ -77,21 +46,22 @@ def leaderboard(meta: Dict[str, Any]) -> List[Row]:
             run_id=r.info.run_id,
             values={k: r.data.params.get(k, "") for k in meta.get("varying", [])},
             best=best,
-            epochs=int(r.data.metrics.get("epoch", 0)),
+            epochs=int(r.data.metrics.get(M.EPOCH, 0)),
             status=status,
-            test_acc=r.data.metrics.get("test/acc"),
-            error=r.data.tags.get("tl_sweep.error", ""),
+            test_acc=r.data.metrics.get(M.TEST_ACC),
+            error=r.data.tags.get(TAG_ERROR, ""),
         ))
     sign = -1 if mode == "max" else 1
     rows.sort(key=lambda row: (row.best is None, sign * (row.best or 0.0)))
     return rows
 
 
-def export_best(meta: Dict[str, Any], top: int) -> str:
+def export_best(sweep: Sweep, top: int) -> str:
     """The top-K trials' specs (search removed, values fixed) as YAML; K > 1 gives one
     document per trial, best first."""
+    meta = sweep.meta
     client = client_for(meta["tracking_uri"])
-    rows = [r for r in leaderboard(meta) if r.best is not None][:top]
+    rows = [r for r in leaderboard(sweep) if r.best is not None][:top]
     if not rows:
         raise InputError(f"sweep {meta['id']} has no trial with a {meta['metric']} to rank by")
     docs = []

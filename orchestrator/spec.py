@@ -1,22 +1,28 @@
 """The sweep spec: YAML -> one validated, typed object, every problem reported at once.
 
-Sections: name, data, model, strategy, train, semi, search, resources, failure, tracking, storage.
-``search.space`` maps a dotted path of the trial config (``train.lr``) to a distribution.
+A spec is the trial's sections, as the worker side defines them (``trainables.config``: data,
+model, strategy, train, augment, semi, losses, phases), plus what the sweep needs: name,
+search, resources, failure, tracking, storage. ``search.space`` maps a dotted path of the trial
+config (``train.lr``) to a distribution. Nothing here imports torch or Ray.
 """
 from __future__ import annotations
 
 import copy
+import itertools
 from pathlib import Path
 from typing import Any, Dict, List, Literal, Optional, Tuple
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
-# Sections of a spec that make up one trial's config (what a search may vary).
-TRIAL_SECTIONS = ("data", "model", "strategy", "train", "semi")
+from trainables import metrics as M
+from trainables.config import SECTIONS, Section, TrialConfig, TrialResources, TrialSections
+
 DISTRIBUTIONS = ("choice", "grid", "uniform", "loguniform", "randint", "quniform")
-# Metrics that every epoch reports, and so may drive ASHA / Optuna.
-EPOCH_METRICS = ("val/acc", "val/loss", "val/balanced_acc", "val/macro_f1", "train/acc", "train/loss")
+# Keys a section dropped in a reshape, with where they went (a friendlier miss than "unknown key").
+MOVED = {f"data.{k}": f"augment.{k}" for k in ("hflip", "rotation", "scale_jitter", "crop_scale_min",
+                                                  "trivial_augment", "random_erasing")}
+MOVED.update({f"train.{k}": f"augment.{k}" for k in ("cutmix_alpha", "mixup_alpha", "mix_prob")})
 
 
 class SpecError(ValueError):
@@ -28,138 +34,7 @@ class SpecError(ValueError):
         super().__init__(f"{source}: {len(problems)} problem(s) in the spec:\n{lines}")
 
 
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=False)
-
-
-class DataSpec(Strict):
-    name: str = "digits"
-    root: Optional[str] = None
-    download: bool = False
-    target: Literal["breeds", "species"] = "breeds"  # Oxford-IIIT Pets only
-    image_size: int = Field(224, ge=16, le=1024)
-    val_fraction: float = Field(0.15, gt=0, lt=1)
-    test_fraction: float = Field(0.15, gt=0, lt=1)
-    label_fraction: float = Field(1.0, gt=0, le=1)
-    max_images: Optional[int] = Field(None, ge=2)
-    # imbalance: keep this fraction of the training images of a class, a group of classes
-    # (Pets: cat, dog) or every class ("*"), e.g. {cat: 0.2}
-    class_fraction: Optional[Dict[str, float]] = None
-    # augmentation of training images (torchvision.transforms.v2)
-    hflip: bool = False
-    rotation: float = Field(0.0, ge=0, le=180)  # degrees, +-
-    scale_jitter: float = Field(0.0, ge=0, lt=1)  # zoom in/out by up to this factor
-    crop_scale_min: float = Field(1.0, gt=0, le=1)  # random resized crop's smallest area; 1 = off
-    trivial_augment: bool = False
-    random_erasing: float = Field(0.0, ge=0, le=1)  # probability
-    seed: int = 0
-    num_workers: int = Field(0, ge=0)
-
-    @field_validator("name")
-    @classmethod
-    def _known_dataset(cls, v: str) -> str:
-        from trainables.data import DATASETS
-
-        DATASETS.get(v)
-        return v
-
-
-class ModelSpec(Strict):
-    name: str = "resnet18"  # torchvision name, or timm:<name>
-    weights: str = "imagenet"  # imagenet | none | path to a state dict
-
-    @field_validator("name")
-    @classmethod
-    def _known_backbone(cls, v: str) -> str:
-        if v.startswith("timm:"):
-            import timm
-
-            if not timm.is_model(v[5:]):
-                raise ValueError(f"timm has no model {v[5:]!r} (see timm.list_models())")
-        else:
-            import torchvision
-
-            names = torchvision.models.list_models(module=torchvision.models)
-            if v not in names:
-                raise ValueError(
-                    f"{v!r} is not a torchvision classification model (e.g. resnet50, efficientnet_b0, "
-                    "vgg16_bn); use timm:<name> for a timm model"
-                )
-        return v
-
-
-class StrategySpec(Strict):
-    name: str = "unfreeze_last"  # unfreeze_last (strategy 1) | gradual_unfreeze (strategy 2)
-    unfreeze_last: int = Field(0, ge=0)
-    # gradual_unfreeze: start with the head + start_groups, one more group every unfreeze_every
-    # epochs (or at the epochs in unfreeze_at), up to max_groups below the head
-    start_groups: int = Field(0, ge=0)
-    unfreeze_every: int = Field(1, ge=1)
-    unfreeze_at: Optional[List[int]] = None
-    max_groups: Optional[int] = Field(None, ge=0)
-    bn: Literal["train", "frozen", "stats_only", "bn_only"] = "train"
-    lr_decay: float = Field(1.0, gt=0, le=1)
-    group_lrs: Optional[List[float]] = None  # head first, then down towards the stem
-
-    @field_validator("name")
-    @classmethod
-    def _known_strategy(cls, v: str) -> str:
-        from trainables.strategies import STRATEGIES
-
-        STRATEGIES.get(v)
-        return v
-
-    @field_validator("group_lrs")
-    @classmethod
-    def _positive(cls, v):
-        if v is not None and (not v or any(x <= 0 for x in v)):
-            raise ValueError("group_lrs needs one or more learning rates > 0, head first")
-        return v
-
-
-class TrainSpec(Strict):
-    epochs: int = Field(10, ge=1)
-    batch_size: int = Field(32, ge=1)
-    eval_batch_size: Optional[int] = Field(None, ge=1)
-    lr: float = Field(1e-3, gt=0)
-    optimizer: Literal["adam", "adamw", "sgd"] = "adamw"
-    momentum: float = Field(0.9, ge=0, lt=1)
-    nesterov: bool = True
-    weight_decay: float = Field(0.0, ge=0)
-    scheduler: Literal["constant", "cosine", "step", "onecycle", "warmup"] = "cosine"
-    step_size: int = Field(1, ge=1)
-    gamma: float = Field(0.1, gt=0, le=1)
-    onecycle_pct: float = Field(0.3, gt=0, lt=1)
-    warmup_epochs: float = Field(0, ge=0)  # linear warm-up of every group, any scheduler
-    new_group_warmup: float = Field(0, ge=0)  # warm-up of a group that unfreezes mid-run
-    schedule_scope: Literal["shared", "per_group"] = "shared"
-    seed: int = 0
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    amp: bool = True  # bf16 autocast on CUDA; ignored on CPU
-    channels_last: bool = True  # on CUDA only
-    # batch mixing (soft targets), label smoothing, imbalance remedies
-    cutmix_alpha: float = Field(0.0, ge=0)
-    mixup_alpha: float = Field(0.0, ge=0)
-    mix_prob: float = Field(1.0, ge=0, le=1)
-    label_smoothing: float = Field(0.0, ge=0, lt=1)
-    class_weighting: Literal["none", "inverse", "effective"] = "none"
-    effective_beta: float = Field(0.999, gt=0, lt=1)
-    sampler: Literal["uniform", "oversample"] = "uniform"
-    per_class_metrics: bool = False
-    # For testing fault tolerance: the trial raises at the start of this epoch.
-    fail_at_epoch: Optional[int] = Field(None, ge=1)
-
-
-class SemiSpec(Strict):
-    """Semi-supervised use of the training images that data.label_fraction leaves unlabelled."""
-
-    method: Literal["none", "pseudo_label", "fixmatch"] = "none"
-    threshold: float = Field(0.95, ge=0, le=1)  # confidence a pseudo label needs
-    unlabeled_weight: float = Field(1.0, ge=0)  # lambda_u
-    unlabeled_ratio: float = Field(1.0, gt=0)  # mu: unlabelled images per labelled one in a step
-
-
-class Distribution(Strict):
+class Distribution(Section):
     choice: Optional[List[Any]] = None
     grid: Optional[List[Any]] = None
     uniform: Optional[Tuple[float, float]] = None
@@ -199,66 +74,81 @@ class Distribution(Strict):
         a = self.args
         return list(a) if self.kind in ("choice", "grid") else [a[0], a[1]]
 
+    @property
+    def largest(self) -> Any:
+        """The largest value it can take (for checks against limits)."""
+        a = self.args
+        if self.kind in ("choice", "grid"):
+            numbers = [x for x in a if isinstance(x, (int, float)) and not isinstance(x, bool)]
+            return max(numbers) if numbers else None
+        return a[1]
+
     def to_yaml(self) -> Dict[str, Any]:
         return {self.kind: list(self.args)}
 
 
-class SchedulerSpec(Strict):
+class SchedulerSpec(Section):
     type: Literal["asha", "fifo"] = "asha"
     grace_period: int = Field(1, ge=1)  # epochs every trial runs before it may be stopped
-    reduction_factor: float = Field(2, gt=1)
-    max_t: Optional[int] = Field(None, ge=1)  # defaults to train.epochs
+    reduction_factor: float = Field(2, gt=1)  # ASHA keeps 1/factor of the trials at each rung
+    max_t: Optional[int] = Field(None, ge=1)  # defaults to the trial's epochs
 
 
-class SearchSpec(Strict):
+class SearchSpec(Section):
     algorithm: Literal["optuna", "random", "grid"] = "optuna"
     scheduler: SchedulerSpec = SchedulerSpec()
     space: Dict[str, Distribution] = {}
     num_samples: int = Field(1, ge=1)  # per grid point
     max_concurrent: Optional[int] = Field(None, ge=1)
-    metric: str = "val/acc"
-    mode: Literal["max", "min"] = "max"
+    metric: str = M.VAL_ACC
+    mode: Optional[Literal["max", "min"]] = None  # default: min for a loss, else max
     seed: int = 0
 
     @field_validator("metric")
     @classmethod
     def _reported(cls, v: str) -> str:
-        if v not in EPOCH_METRICS:
-            raise ValueError(f"{v!r} is not reported every epoch; use one of {', '.join(EPOCH_METRICS)}")
+        if v not in M.EPOCH_METRICS:
+            raise ValueError(f"{v!r} is not reported every epoch; use one of {', '.join(M.EPOCH_METRICS)}")
         return v
 
+    @model_validator(mode="after")
+    def _mode_fits_metric(self) -> "SearchSpec":
+        natural = M.natural_mode(self.metric)
+        if self.mode is None:
+            self.mode = natural
+        elif self.mode != natural:
+            better = "lower" if natural == "min" else "higher"
+            raise ValueError(f"search.mode: {self.metric} is better when {better}: use mode {natural}, not {self.mode}")
+        return self
 
-class ResourcesSpec(Strict):
-    cpu: float = Field(1, gt=0)
-    gpu: float = Field(0, ge=0)  # fractional: several trials share a GPU
+
+class ResourcesSpec(TrialResources):
     custom: Dict[str, float] = {}  # Ray custom resources, e.g. {a100: 1} to pin trials to such nodes
 
 
-class FailureSpec(Strict):
+class FailureSpec(Section):
     max_retries: int = Field(0, ge=0)  # a failed trial restarts from its last checkpoint this often
 
 
-class TrackingSpec(Strict):
+class TrackingSpec(Section):
     uri: Optional[str] = None  # default: sqlite store inside storage.path
     experiment: Optional[str] = None  # default: the spec's name
 
 
-class StorageSpec(Strict):
+class StorageSpec(Section):
     path: str = "sweeps"  # on the driver: sweep folders, logs, the default MLflow store
-    # Where Ray Tune keeps checkpoints and experiment state: a folder every node sees (shared
-    # file system) or a pyarrow URI (s3://bucket/prefix, gs://...). Default: the sweep folder.
+    # Where the sweep's state, Ray Tune's checkpoints and experiment state live: a folder every
+    # node sees (shared file system) or s3://bucket/prefix (query parameters for an S3-compatible
+    # server, e.g. ?endpoint_override=host:9000&scheme=http). Default: the sweep folder.
     uri: Optional[str] = None
     keep_checkpoints: int = Field(1, ge=1)
 
 
-class Spec(Strict):
+class Spec(TrialSections):
+    """A whole sweep: the trial's sections (inherited from ``TrialSections``) and the sweep's."""
+
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=80)
     description: Optional[str] = None
-    data: DataSpec = DataSpec()
-    model: ModelSpec = ModelSpec()
-    strategy: StrategySpec = StrategySpec()
-    train: TrainSpec = TrainSpec()
-    semi: SemiSpec = SemiSpec()
     search: SearchSpec = SearchSpec()
     resources: ResourcesSpec = ResourcesSpec()
     failure: FailureSpec = FailureSpec()
@@ -268,18 +158,24 @@ class Spec(Strict):
     def trial_config(self) -> Dict[str, Any]:
         """The fixed part of every trial's config (search values are set on top of it)."""
         d = self.model_dump(mode="json")
-        cfg = {k: d[k] for k in TRIAL_SECTIONS}
-        cfg.update(metric=self.search.metric, mode=self.search.mode, resources=d["resources"])
-        return cfg
+        cfg = {k: d[k] for k in SECTIONS}
+        cfg.update(metric=self.search.metric, mode=self.search.mode,
+                   resources=TrialResources(cpu=self.resources.cpu, gpu=self.resources.gpu).model_dump())
+        return TrialConfig.model_validate(cfg).model_dump(mode="json")
+
+    @property
+    def max_epochs(self) -> Optional[int]:
+        """The most epochs a trial can run (None when a searched field makes it unknown here)."""
+        if any(k == "train.epochs" or k.startswith("phases") for k in self.search.space):
+            return None
+        return self.total_epochs
 
 
 # --------------------------------------------------------------------------- loading
 
-SECTION_MODELS = {"data": DataSpec, "model": ModelSpec, "strategy": StrategySpec, "train": TrainSpec, "semi": SemiSpec}
-
 
 def _loc(loc: Tuple[Any, ...]) -> str:
-    return ".".join(str(p) for p in loc if not str(p).startswith("function-after"))
+    return ".".join(str(p) for p in loc if not str(p).startswith("function-"))
 
 
 def _format(e: ValidationError, prefix: str = "") -> List[str]:
@@ -288,7 +184,9 @@ def _format(e: ValidationError, prefix: str = "") -> List[str]:
         path = ".".join(x for x in (prefix, _loc(err["loc"])) if x)
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
-            msg = "unknown key (check the spelling; see the spec reference in README.md)"
+            moved = MOVED.get(path)
+            msg = (f"moved to {moved}" if moved else
+                   "unknown key (check the spelling; see the spec reference in README.md)")
         elif "input" in err and err["type"] not in ("missing",) and not isinstance(err["input"], dict):
             msg += f" (got {err['input']!r})"
         out.append(f"{path}: {msg}" if path else msg)
@@ -296,70 +194,114 @@ def _format(e: ValidationError, prefix: str = "") -> List[str]:
 
 
 def set_path(d: Dict[str, Any], dotted: str, value: Any) -> None:
-    """Set ``d[a][b][c] = value`` for ``a.b.c``; ``search.space.<key>`` keeps ``<key>`` whole."""
+    """Set ``d[a][b][c] = value`` for ``a.b.c``; ``search.space.<key>`` keeps ``<key>`` whole;
+    a number indexes a list (``phases.1.epochs``)."""
     if dotted.startswith("search.space."):
         d.setdefault("search", {}).setdefault("space", {})[dotted[len("search.space."):]] = value
         return
     parts = dotted.split(".")
-    cur = d
+    cur: Any = d
     for p in parts[:-1]:
+        if isinstance(cur, list) and p.isdigit() and int(p) < len(cur):
+            cur = cur[int(p)]
+            continue
         nxt = cur.get(p)
-        if not isinstance(nxt, dict):
+        if not isinstance(nxt, (dict, list)):
             nxt = cur[p] = {}
         cur = nxt
-    cur[parts[-1]] = value
+    last = parts[-1]
+    if isinstance(cur, list) and last.isdigit() and int(last) < len(cur):
+        cur[int(last)] = value
+    else:
+        cur[last] = value
 
 
-def get_path(d: Dict[str, Any], dotted: str) -> Any:
+def get_path(d: Any, dotted: str, default: Any = KeyError) -> Any:
+    """``d[a][b][c]`` for ``a.b.c`` (numbers index lists); ``default`` when missing, if given."""
     cur: Any = d
     for p in dotted.split("."):
-        cur = cur[p]
+        if isinstance(cur, list) and p.isdigit() and int(p) < len(cur):
+            cur = cur[int(p)]
+        elif isinstance(cur, dict) and p in cur:
+            cur = cur[p]
+        elif default is KeyError:
+            raise KeyError(dotted)
+        else:
+            return default
     return cur
 
 
-def _check_space(raw: Dict[str, Any], spec_space: Dict[str, Distribution]) -> List[str]:
-    """Each searched key must be a trial-config field, and each value must fit that field."""
-    problems = []
-    for key, dist in spec_space.items():
-        where = f"search.space.{key}"
-        section, _, field = key.partition(".")
-        if section not in SECTION_MODELS or not field or "." in field:
-            problems.append(f"{where}: not a searchable field; use <section>.<field> with section one of {', '.join(TRIAL_SECTIONS)}")
-            continue
-        model = SECTION_MODELS[section]
-        if field not in model.model_fields:
-            problems.append(f"{where}: {section} has no field {field!r}; fields: {', '.join(model.model_fields)}")
-            continue
-        base = raw.get(section) if isinstance(raw.get(section), dict) else {}
-        for value in dist.candidates():
-            trial = dict(base, **{field: value})
+def _trial_part(raw: Dict[str, Any]) -> Dict[str, Any]:
+    return {k: copy.deepcopy(raw[k]) for k in SECTIONS if k in raw}
+
+
+def _check_space(raw: Dict[str, Any], space: Dict[str, Distribution]) -> List[str]:
+    """Each searched key must be a field of the trial config, and each value must fit it,
+    also beside every value of the other searched keys (a searched strategy.name must take
+    the other searched strategy fields)."""
+    problems: List[str] = []
+    valid = {k: d for k, d in space.items() if k.split(".")[0] in SECTIONS and "." in k}
+    for key in space:
+        if key not in valid:
+            problems.append(f"search.space.{key}: not a searchable field; use <section>.<field> with section one of "
+                            f"{', '.join(SECTIONS)}")
+    base = _trial_part(raw)
+    for key, dist in valid.items():
+        others = [[(k, v) for v in d.candidates()] for k, d in valid.items() if k != key] or [[]]
+        combos = [[]] + [[pair] for pairs in others for pair in pairs]
+        seen, missing_field = set(), False
+        for value, combo in itertools.product(dist.candidates(), combos):
+            if missing_field:
+                break
+            trial = copy.deepcopy(base)
+            for k, v in combo:
+                set_path(trial, k, v)
+            set_path(trial, key, value)
             try:
-                model.model_validate(trial)
+                TrialSections.model_validate(trial)
             except ValidationError as e:
                 for err in e.errors():
-                    if _loc(err["loc"]).split(".")[0] == field:
-                        problems.append(f"{where}: value {value!r} does not fit {key}: {err['msg'].removeprefix('Value error, ')}")
+                    loc = _loc(err["loc"])
+                    if loc != key and not loc.startswith(key + "."):
+                        continue
+                    section = key.split(".")[0]
+                    if err["type"] == "extra_forbidden":
+                        missing_field = True  # said once: the other values and combinations add nothing
+                        beside = f" when {combo[0][0]}={combo[0][1]!r}" if combo else ""
+                        moved = f" (moved to {MOVED[key]})" if key in MOVED else ""
+                        msg = f"search.space.{key}: {section} has no field {key.split('.', 1)[1]!r}{beside}{moved}"
+                    else:
+                        msg = f"search.space.{key}: value {value!r} does not fit {key}: {err['msg'].removeprefix('Value error, ')}"
+                    if msg not in seen:
+                        seen.add(msg)
+                        problems.append(msg)
     return problems
 
 
 def _cross_checks(spec: Spec) -> List[str]:
     problems = []
     s = spec.search
-    kinds = {k: d.kind for k, d in s.space.items()}
     if s.algorithm == "grid":
-        for k, kind in kinds.items():
-            if kind not in ("grid", "choice"):
-                problems.append(f"search.space.{k}: algorithm 'grid' takes only grid / choice values, got {kind}; use algorithm optuna or random")
-    if s.algorithm == "optuna":
         for k, d in s.space.items():
-            if d.kind in ("grid", "choice") and not all(v is None or isinstance(v, (bool, int, float, str)) for v in d.args):
-                problems.append(f"search.space.{k}: Optuna takes only scalar {d.kind} values (numbers, strings, booleans); use algorithm random or grid for lists")
-    if s.scheduler.max_t is not None and s.scheduler.max_t > spec.train.epochs and "train.epochs" not in s.space:
-        problems.append(f"search.scheduler.max_t: {s.scheduler.max_t} is more than train.epochs={spec.train.epochs}")
-    if s.scheduler.type == "asha" and s.scheduler.grace_period > spec.train.epochs and "train.epochs" not in s.space:
-        problems.append(f"search.scheduler.grace_period: {s.scheduler.grace_period} is more than train.epochs={spec.train.epochs}")
-    if spec.data.val_fraction + spec.data.test_fraction >= 1:
-        problems.append("data.val_fraction + data.test_fraction must leave images to train on (sum < 1)")
+            if d.kind not in ("grid", "choice"):
+                problems.append(f"search.space.{k}: algorithm 'grid' takes only grid / choice values, got {d.kind}; "
+                                "use algorithm optuna or random")
+    sch = s.scheduler
+    epochs = spec.max_epochs
+    searched_epochs = s.space.get("train.epochs")
+    if sch.max_t is not None and epochs is not None and sch.max_t > epochs:
+        problems.append(f"search.scheduler.max_t: {sch.max_t} is more than the trial's {epochs} epoch(s)")
+    if searched_epochs is not None and sch.type == "asha":
+        top = searched_epochs.largest
+        limit = sch.max_t
+        if limit is not None and top is not None and top > limit:
+            problems.append(f"search.space.train.epochs: up to {top} epochs, but ASHA stops every trial at "
+                            f"search.scheduler.max_t={limit}; raise max_t or lower the epochs")
+    if sch.type == "asha":
+        horizon = sch.max_t or epochs
+        if horizon is not None and sch.grace_period > horizon:
+            problems.append(f"search.scheduler.grace_period: {sch.grace_period} is more than the {horizon} epoch(s) "
+                            "a trial runs")
     return problems
 
 

@@ -1,8 +1,10 @@
-"""Run one sweep: preflight, sweep folder, MLflow parent run, Ray Tune, summary.
+"""Run one sweep: checks, sweep folder, MLflow parent run, Ray Tune, summary.
 
-Nothing is written and no MLflow run is made until the spec has validated and a preflight on
-the driver has built the data set, the backbone and the strategy for every value the search
-can take that changes them; an error there is the user's input (exit 2), not a failed sweep.
+Nothing is written and no MLflow run is made until the spec has validated, the storage has been
+written to and read back, and the checks that need the data or the model (``trainables.check``)
+have passed on a node where trials run; an error there is the user's input (exit 2), not a
+failed sweep. If anything fails after that and before the sweep starts, what this run created
+is removed again (its folders, its MLflow run), and nothing else.
 """
 from __future__ import annotations
 
@@ -11,96 +13,91 @@ import copy
 import datetime as dt
 import logging
 import os
-import secrets
 import shutil
 import sys
+import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import yaml
 
 from orchestrator import space as sp
-from orchestrator.spec import Spec, get_path, set_path
-from orchestrator.tracking import (
-    RESTORED, TAG_ROLE, TAG_SWEEP, MlflowTracker, client_for, ensure_experiment, find_child_run, log_params,
-    redact, resolve_tracking_uri, terminate, write_json,
+from orchestrator import tuning
+from orchestrator.secrets import forwarded, redact
+from orchestrator.spec import Spec, get_path, set_path, validate
+from orchestrator.sweepdir import (
+    LOG_FILE, POINTER_FILE, SPEC_FILE, TUNE_DIR, InputError, Store, Sweep, new_sweep_id,
 )
-
-SWEEP_FILE = "sweep.json"
-
-
-class InputError(RuntimeError):
-    """A problem with the user's input found before anything started (exit code 2)."""
+from orchestrator.tracking import (
+    TAG_BEST, TAG_ROLE, TAG_SWEEP, MlflowTracker, client_for, ensure_experiment, find_child_run, log_params,
+    resolve_tracking_uri, terminate,
+)
 
 
 @dataclass
 class SweepOutcome:
-    sweep_id: str
-    sweep_dir: Path
+    sweep: Sweep
     tracking_uri: str
-    parent_run_id: str
     status: str
 
-
-# --------------------------------------------------------------------------- preflight
-
-
-def _candidates(spec: Spec, key: str) -> List[Any]:
-    d = spec.search.space.get(key)
-    return d.candidates() if d is not None and d.kind in ("grid", "choice") else []
+    @property
+    def sweep_id(self) -> str:
+        return self.sweep.id
 
 
-def preflight(spec: Spec) -> None:
-    """Build the data set, backbone and strategy on the driver, as a trial would, so that a
-    missing data set, unloadable weights or an impossible unfreeze depth fail before any trial."""
-    from trainables.data import DataError, build_data
-    from trainables.models import WeightsError, build_backbone
-    from trainables.strategies import STRATEGIES
+# --------------------------------------------------------------------------- checks where trials run
 
+
+# Searched keys whose values change what a trial builds (its data, its model, its strategy).
+BUILT = ("data.", "model.", "strategy.", "phases.")
+
+
+def check_configs(spec: Spec) -> List[Tuple[str, Dict[str, Any]]]:
+    """The configs to check, labelled: the fixed config, and one per value (or bound) of each
+    searched key that changes what a trial builds."""
     base = spec.trial_config()
-    data_cfgs = [base["data"]] + [dict(base["data"], **{k.split(".", 1)[1]: v})
-                                  for k in spec.search.space if k in ("data.name", "data.root", "data.target")
-                                  for v in _candidates(spec, k)]
-    num_classes = None
-    for cfg in data_cfgs:
-        try:
-            num_classes = build_data(cfg).num_classes
-        except DataError as e:
-            raise InputError(f"data: {e}") from None
-    model_cfgs = [base["model"]] + [dict(base["model"], **{k.split(".", 1)[1]: v})
-                                    for k in spec.search.space if k in ("model.name", "model.weights")
-                                    for v in _candidates(spec, k)]
-    depths = [base["strategy"]] + [dict(base["strategy"], unfreeze_last=v) for v in _candidates(spec, "strategy.unfreeze_last")]
-    if "strategy.unfreeze_last" in spec.search.space and spec.search.space["strategy.unfreeze_last"].kind == "randint":
-        hi = spec.search.space["strategy.unfreeze_last"].args[1]
-        depths.append(dict(base["strategy"], unfreeze_last=hi))
-    for mcfg in model_cfgs:
-        try:
-            backbone = build_backbone(mcfg, num_classes or 2)
-        except (WeightsError, ValueError) as e:
-            raise InputError(f"model: {e}") from None
-        for scfg in depths:
-            try:
-                STRATEGIES.get(scfg["name"])(backbone, scfg, spec.train.lr)
-            except ValueError as e:
-                where = "search.space.strategy.unfreeze_last" if "strategy.unfreeze_last" in spec.search.space else "strategy.unfreeze_last"
-                raise InputError(f"{where} with model {mcfg['name']}: {e}") from None
+    out = [("", base)]
+    for key, d in spec.search.space.items():
+        if not key.startswith(BUILT):
+            continue
+        for value in d.candidates():
+            cfg = copy.deepcopy(base)
+            set_path(cfg, key, value)
+            out.append((f"search.space.{key}={value!r}", cfg))
+    return out
+
+
+def run_checks(spec: Spec) -> None:
+    """``trainables.check`` as a Ray task with a trial's resources (GPU aside), so it runs on a
+    node where trials run: the data set and the weights must be there, not on this machine."""
+    import ray
+
+    from trainables.check import check_each
+
+    task = ray.remote(check_each).options(num_cpus=spec.resources.cpu, resources=dict(spec.resources.custom) or None,
+                                          max_retries=0)
+    problems = ray.get(task.remote(check_configs(spec)))
+    if problems:
+        lines = []
+        for p in problems:
+            where = f"{p['label']}: " if p["label"] else ""
+            lines.append(f"{where}{p['key']}: {p['message']}")
+        raise InputError("\n".join(dict.fromkeys(lines)))
 
 
 # --------------------------------------------------------------------------- helpers
 
 
-def new_sweep_id(name: str) -> str:
-    return f"{name}-{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
-
-
 def trial_spec_yaml(raw: Dict[str, Any], searched: List[str], trial_config: Dict[str, Any]) -> str:
-    """The spec that re-runs exactly this trial: the search removed, its values fixed."""
+    """The spec that re-runs exactly this trial: the search removed, its values and its seed fixed."""
+    from trainables.config import TrialConfig
+
     out = copy.deepcopy(raw)
     for key in searched:
         set_path(out, key, get_path(trial_config, key))
+    set_path(out, "train.seed", TrialConfig.parse(trial_config).seed)
     search = dict(out.get("search") or {})
     search.pop("space", None)
     search.update(algorithm="random", num_samples=1, scheduler={"type": "fifo"})
@@ -157,6 +154,22 @@ def init_ray(address: Optional[str], log_file: Path) -> Dict[str, float]:
     return dict(ray.cluster_resources())
 
 
+def start_broker(sweep_id: str) -> Optional[str]:
+    """Hand this process's secret variables to the sweep's trials, in memory (a broker actor
+    that lives as long as this driver). Returns its name, or None when there is nothing to hand."""
+    values = forwarded()
+    if not values:
+        return None
+    import ray
+
+    from trainables.secrets import SecretBroker
+
+    name = f"tl_sweep_secrets_{sweep_id}"
+    broker = ray.remote(num_cpus=0)(SecretBroker).options(name=name, get_if_exists=True).remote()
+    ray.get(broker.put.remote(values))
+    return name
+
+
 # --------------------------------------------------------------------------- cluster checks
 
 
@@ -170,8 +183,9 @@ def trials_that_fit(need: Dict[str, float], nodes: List[Dict[str, float]]) -> in
     return sum(int(min(node.get(k, 0.0) / v for k, v in need.items()) + 1e-9) for node in nodes) if need else 0
 
 
-def check_placement(spec: Spec, printer) -> None:
-    """Print the cluster and how many trials fit at once; fail if a trial can never be placed."""
+def check_placement(spec: Spec, printer) -> int:
+    """Print the cluster and how many trials fit at once; fail if a trial can never be placed.
+    Returns the number of live nodes."""
     import ray
 
     nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
@@ -191,10 +205,11 @@ def check_placement(spec: Spec, printer) -> None:
     limit = spec.search.max_concurrent
     at_once = min(fit, limit) if limit else fit
     printer.line(f"cluster: {len(nodes)} node(s), {have}; a trial needs {want}: {at_once} trial(s) at once")
+    return len(nodes)
 
 
-def storage_note(spec: Spec, address: Optional[str], nodes: int) -> Optional[str]:
-    if spec.storage.uri is None and (address or os.environ.get("RAY_ADDRESS")) and nodes > 1:
+def storage_note(spec: Spec, nodes: int) -> Optional[str]:
+    if spec.storage.uri is None and nodes > 1:
         return (f"note: trial checkpoints go to {Path(spec.storage.path).resolve()} on this machine; trials on "
                 "other nodes can write there only if it is a shared file system mounted at the same path on "
                 "every node. Otherwise set storage.uri to s3://bucket/prefix (or another shared location).")
@@ -204,127 +219,210 @@ def storage_note(spec: Spec, address: Optional[str], nodes: int) -> Optional[str
 # --------------------------------------------------------------------------- run
 
 
+class _Created:
+    """What a starting run has created, so that a failure before the sweep starts removes it
+    (and nothing else: never a storage folder it did not make, never an MLflow store)."""
+
+    def __init__(self) -> None:
+        self.folders: List[Path] = []
+        self.store: Optional[Store] = None
+        self.run: Optional[Tuple[Any, str]] = None
+
+    def folder(self, path: Path) -> Path:
+        missing = [p for p in [path, *path.parents] if not p.exists()]
+        path.mkdir(parents=True, exist_ok=True)
+        self.folders.extend(missing)  # innermost first
+        return path
+
+    def rollback(self) -> None:
+        if self.run is not None:
+            client, run_id = self.run
+            with contextlib.suppress(Exception):
+                client.delete_run(run_id)
+        if self.store is not None and not self.store.local:
+            with contextlib.suppress(Exception):
+                self.store.remove()
+        for i, p in enumerate(self.folders):
+            if i == 0:
+                shutil.rmtree(p, ignore_errors=True)  # the sweep's own folder
+            else:
+                with contextlib.suppress(OSError):
+                    p.rmdir()  # a parent this run made: only if nothing else (an mlflow.db) is in it now
+
+
 def run_sweep(spec: Spec, raw: Dict[str, Any], *, address: Optional[str] = None,
               tracking_uri: Optional[str] = None, console=None) -> SweepOutcome:
     """Run ``spec`` to the end (or to Ctrl-C) and return its outcome."""
     from orchestrator.live import LiveTable, Printer
 
     printer = Printer(console)
-    preflight(spec)
     # What is stored (sweep folder, MLflow, Tune's pickled state) holds no credentials.
     raw = yaml.safe_load(redact(yaml.safe_dump(raw, sort_keys=False)))
     searched = list(spec.search.space)
-
-    storage = Path(spec.storage.path).expanduser().resolve()
+    uri = resolve_tracking_uri(tracking_uri, spec.tracking.uri, spec.storage.path)
+    root = Path(spec.storage.path).expanduser().resolve()
     sweep_id = new_sweep_id(spec.name)
-    sweep_dir = storage / sweep_id
-    created = storage if not storage.exists() else sweep_dir  # what a rollback removes
-    sweep_dir.mkdir(parents=True)
-    log_file = sweep_dir / "ray.log"
-    handler = _configure_logs(log_file)
-    uri = resolve_tracking_uri(tracking_uri, spec.tracking.uri, str(storage))
-    tune_root = f"{spec.storage.uri.rstrip('/')}/{sweep_id}" if spec.storage.uri else str(sweep_dir)
+    store = Store.at(spec.storage.uri).child(sweep_id) if spec.storage.uri else Store.at(str(root / sweep_id))
+    if spec.storage.uri:  # before anything exists: storage that cannot be written is the user's input
+        shared = Store.at(spec.storage.uri)
+        if shared.local and not shared.exists():
+            raise InputError(f"storage.uri: no folder at {shared.display}; give a folder every node mounts at the "
+                             "same path, or s3://bucket/prefix")
+        shared.probe()
+
+    fd, tmp = tempfile.mkstemp(prefix=f"tl-sweep-{sweep_id}-", suffix=".log")
+    os.close(fd)
+    handler = _configure_logs(Path(tmp))
+    created = _Created()
     try:
-        init_ray(address, log_file)
-        printer.line(f"sweep {sweep_id}: {sp.num_trials(spec)} trial(s); Ray log: {log_file}")
-        check_placement(spec, printer)
+        init_ray(address, Path(tmp))
         import ray
 
+        nodes = check_placement(spec, printer)
         if ray.util.client.ray.is_connected():
             printer.line("note: with Ray Client (ray://) Tune runs the sweep on the head node, so the live table "
-                         "shows there; follow the trials in MLflow or with tl-sweep show. For the table here, "
-                         "run tl-sweep on the head with --address auto.")
-        note = storage_note(spec, address, len([n for n in ray.nodes() if n.get("Alive")]))
+                         "shows there; follow the trials in MLflow or with tl-sweep show. To run the driver on the "
+                         "cluster and detach, use tl-sweep submit.")
+        run_checks(spec)
+        note = storage_note(spec, nodes)
         if note:
             printer.line(note)
+        broker = start_broker(sweep_id)
+
+        local = created.folder(root / sweep_id)
+        handler = _move_log(handler, Path(tmp), local / LOG_FILE)
+        printer.line(f"sweep {sweep_id}: {sp.num_trials(spec)} trial(s); Ray log: {local / LOG_FILE}")
+        created.store = store
         client = client_for(uri)
-        exp_id = ensure_experiment(client, spec.tracking.experiment or spec.name, str(storage), uri.startswith("sqlite:"))
+        exp_id = ensure_experiment(client, spec.tracking.experiment or spec.name, str(root), uri.startswith("sqlite:"))
         parent = client.create_run(exp_id, run_name=sweep_id, tags={TAG_SWEEP: sweep_id, TAG_ROLE: "sweep",
-                                                                    "tl_sweep.varying": ",".join(spec.search.space)})
+                                                                    "tl_sweep.varying": ",".join(searched)})
+        created.run = (client, parent.info.run_id)
+        meta = {
+            "id": sweep_id, "name": spec.name, "created": dt.datetime.now().isoformat(timespec="seconds"),
+            "status": "running", "tracking_uri": uri, "experiment_id": exp_id, "parent_run_id": parent.info.run_id,
+            "metric": spec.search.metric, "mode": spec.search.mode, "varying": searched,
+            "num_trials": sp.num_trials(spec), "epochs": spec.max_epochs, "store": store.display,
+            "tune_path": f"{store.display}/{TUNE_DIR}",
+        }
+        sweep = Sweep(store, meta, local)
+        store.write_bytes(SPEC_FILE, yaml.safe_dump(raw, sort_keys=False).encode())
+        sweep.save()
+        if spec.storage.uri:
+            (local / POINTER_FILE).write_text(_pointer(spec.storage.uri, sweep_id))
+        log_params(client, parent.info.run_id, {"spec": spec.model_dump(mode="json")})
+        client.log_text(parent.info.run_id, yaml.safe_dump(raw, sort_keys=False), SPEC_FILE)
+        tracker = MlflowTracker(uri, exp_id, parent.info.run_id, sweep_id,
+                                trial_spec=lambda cfg: trial_spec_yaml(raw, searched, cfg), broker=broker)
+        live = LiveTable(printer, searched, spec.search.metric, spec.search.mode)
+        tuner = _tuner(spec, store, [tracker, live], broker)
     except BaseException:
-        _rollback(created, handler)
+        created.rollback()
+        _shutdown(handler)
+        Path(tmp).unlink(missing_ok=True)
         raise
-    (sweep_dir / "spec.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
-    meta = {
-        "id": sweep_id, "name": spec.name, "created": dt.datetime.now().isoformat(timespec="seconds"),
-        "status": "running", "tracking_uri": uri, "experiment_id": exp_id, "parent_run_id": parent.info.run_id,
-        "metric": spec.search.metric, "mode": spec.search.mode, "varying": list(spec.search.space),
-        "num_trials": sp.num_trials(spec), "epochs": spec.train.epochs, "tune_path": f"{tune_root}/tune",
-    }
-    write_json(sweep_dir / SWEEP_FILE, meta)
-    log_params(client, parent.info.run_id, {"spec": spec.model_dump(mode="json")})
-    client.log_text(parent.info.run_id, yaml.safe_dump(raw, sort_keys=False), "spec.yaml")
-
-    tracker = MlflowTracker(
-        uri, exp_id, parent.info.run_id, sweep_id,
-        epochs_of=lambda cfg: int(cfg["train"]["epochs"]),
-        trial_spec=lambda cfg: trial_spec_yaml(raw, searched, cfg),
-    )
-    live = LiveTable(printer, list(spec.search.space), spec.search.metric, spec.search.mode)
-    tuner = _tuner(spec, sweep_dir, tune_root, [tracker, live])
-    return _drive(tuner, tracker, live, meta, sweep_dir, client, spec, handler)
+    return _drive(tuner, tracker, live, sweep, client, spec, handler)
 
 
-def resume_sweep(meta: Dict[str, Any], *, address: Optional[str] = None, console=None) -> SweepOutcome:
+def _pointer(storage_uri: str, sweep_id: str) -> str:
+    import json
+
+    from orchestrator.secrets import split_storage_credentials
+
+    clean, _ = split_storage_credentials(storage_uri)
+    return json.dumps({"store": Store.at(clean).child(sweep_id).display}, indent=2)
+
+
+def _move_log(handler: logging.Handler, tmp: Path, final: Path) -> logging.Handler:
+    """The log began in a temporary file (nothing of the sweep existed yet): move it into the
+    sweep folder and go on writing there."""
+    handler.close()
+    shutil.move(str(tmp), str(final))
+    return _configure_logs(final)
+
+
+def resume_sweep(sweep: Sweep, *, address: Optional[str] = None, storage_path: str = "sweeps",
+                 console=None) -> SweepOutcome:
     """Continue a sweep whose driver died or was stopped: finished trials stay finished, the
     others continue from their last checkpoints, the Optuna study and ASHA's rungs carry on,
     and each trial keeps its one MLflow child run under the same parent run."""
     from ray import tune
 
     from orchestrator.live import LiveTable, Printer
-    from orchestrator.spec import validate
 
-    sweep_dir = Path(meta["path"]).resolve()
-    raw = yaml.safe_load((sweep_dir / "spec.yaml").read_text())
-    spec = validate(raw, str(sweep_dir / "spec.yaml"))
+    store, meta = sweep.store, dict(sweep.meta)
+    raw = yaml.safe_load(store.read_bytes(SPEC_FILE))
+    spec = validate(raw, f"{store.display}/{SPEC_FILE}")
     printer = Printer(console)
-    handler = _configure_logs(sweep_dir / "ray.log")
+    local = sweep.local or Path(storage_path).expanduser().resolve() / sweep.id
+    local.mkdir(parents=True, exist_ok=True)
+    if not store.local and not (local / POINTER_FILE).exists():
+        (local / POINTER_FILE).write_text(f'{{"store": "{store.display}"}}')
+    handler = _configure_logs(local / LOG_FILE)
     try:
-        init_ray(address, sweep_dir / "ray.log")
+        init_ray(address, local / LOG_FILE)
         check_placement(spec, printer)
+        broker = start_broker(sweep.id)
         client = client_for(meta["tracking_uri"])
-        RESTORED.clear()
-        tuner = tune.Tuner.restore(meta["tune_path"], trainable=_trainable(spec), resume_unfinished=True,
+        tuner = tune.Tuner.restore(f"{store.path}/{TUNE_DIR}", trainable=_trainable(spec, broker),
+                                   storage_filesystem=store.fs, resume_unfinished=True,
                                    resume_errored=False, restart_errored=False)
     except BaseException:
-        _shutdown_logs(handler)
+        _shutdown(handler)
         raise
-    tracker = next(cb for cb in RESTORED if isinstance(cb, MlflowTracker))
-    live = next(cb for cb in RESTORED if isinstance(cb, LiveTable))
-    live.printer = printer
+    searched = list(spec.search.space)
+    tracker = MlflowTracker(meta["tracking_uri"], meta["experiment_id"], meta["parent_run_id"], sweep.id,
+                            trial_spec=lambda cfg: trial_spec_yaml(raw, searched, cfg), broker=broker)
+    live = LiveTable(printer, searched, spec.search.metric, spec.search.mode)
+    internal = _restored(tuner)
+    internal.get_run_config().callbacks = [tracker, live]
+    scheduler = internal._tune_config.scheduler
+    if isinstance(scheduler, tuning.ResumableASHA):
+        scheduler._store = store
+        scheduler.load_state()
     client.update_run(meta["parent_run_id"], status="RUNNING")
-    meta = {k: v for k, v in meta.items() if k != "path"}
     meta.update(status="running", resumed=meta.get("resumed", 0) + 1)
-    write_json(sweep_dir / SWEEP_FILE, meta)
-    printer.line(f"resuming sweep {meta['id']} from {meta['tune_path']}")
-    return _drive(tuner, tracker, live, meta, sweep_dir, client, spec, handler)
+    sweep = Sweep(store, meta, local)
+    sweep.save()
+    printer.line(f"resuming sweep {sweep.id} from {meta['tune_path']}")
+    return _drive(tuner, tracker, live, sweep, client, spec, handler)
 
 
-def _trainable(spec: Spec):
+def _restored(tuner):
+    """Tune's own tuner behind a restored ``Tuner``: a restored experiment takes its callbacks
+    and scheduler from the pickle written when the sweep started (Tune has no argument to give
+    new ones), so the driver's fresh callbacks and ASHA's saved rungs are put in here."""
+    return tuner._local_tuner
+
+
+def _trainable(spec: Spec, broker: Optional[str]):
     from ray import tune
+
     from trainables.trainable import train_trial
 
-    return tune.with_resources(train_trial, {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu,
-                                             **spec.resources.custom})
+    fn = tune.with_parameters(train_trial, broker=broker)
+    return tune.with_resources(fn, {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu, **spec.resources.custom})
 
 
-def _tuner(spec: Spec, sweep_dir: Path, tune_root: str, callbacks: list):
+def _tuner(spec: Spec, store: Store, callbacks: list, broker: Optional[str]):
     from ray import tune
 
+    path, fs = store.tune_location()
     return tune.Tuner(
-        _trainable(spec),
+        _trainable(spec, broker),
         param_space=sp.param_space(spec),
         tune_config=tune.TuneConfig(
             metric=spec.search.metric,
             mode=spec.search.mode,
-            search_alg=sp.search_algorithm(spec),
-            scheduler=sp.trial_scheduler(spec, str(sweep_dir / "scheduler.pkl")),
-            num_samples=sp.tuner_num_samples(spec),
+            search_alg=tuning.search_algorithm(spec),
+            scheduler=tuning.trial_scheduler(spec, store),
+            num_samples=sp.num_trials(spec),
             max_concurrent_trials=spec.search.max_concurrent,
         ),
         run_config=tune.RunConfig(
-            name="tune",
-            storage_path=tune_root,
+            name=TUNE_DIR,
+            storage_path=path,
+            storage_filesystem=fs,
             callbacks=callbacks,
             verbose=0,
             checkpoint_config=tune.CheckpointConfig(num_to_keep=spec.storage.keep_checkpoints),
@@ -333,8 +431,9 @@ def _tuner(spec: Spec, sweep_dir: Path, tune_root: str, callbacks: list):
     )
 
 
-def _drive(tuner, tracker: MlflowTracker, live, meta: Dict[str, Any], sweep_dir: Path, client,
-           spec: Spec, handler: logging.Handler) -> SweepOutcome:
+def _drive(tuner, tracker: MlflowTracker, live, sweep: Sweep, client, spec: Spec,
+           handler: logging.Handler) -> SweepOutcome:
+    meta = sweep.meta
     status, grid = "failed", None
     try:
         grid = tuner.fit()
@@ -347,12 +446,14 @@ def _drive(tuner, tracker: MlflowTracker, live, meta: Dict[str, Any], sweep_dir:
         tracker.close_open_runs(live.trials(), "KILLED")
         terminate(client, meta["parent_run_id"], {"finished": "FINISHED", "interrupted": "KILLED"}.get(status, "FAILED"))
         meta["status"] = status
-        write_json(sweep_dir / SWEEP_FILE, meta)
+        sweep.save()
         live.stop()
     if grid is not None and status == "finished":
         _log_best_checkpoint(client, meta, grid, spec)
-    _shutdown_logs(handler)
-    return SweepOutcome(meta["id"], sweep_dir, meta["tracking_uri"], meta["parent_run_id"], status)
+    _shutdown(handler)
+    return SweepOutcome(sweep, meta["tracking_uri"], status)
+
+
 def _log_best_checkpoint(client, meta: Dict[str, Any], grid, spec: Spec) -> None:
     """The best finished trial's last checkpoint becomes an artifact of its child run."""
     try:
@@ -366,16 +467,10 @@ def _log_best_checkpoint(client, meta: Dict[str, Any], grid, spec: Spec) -> None
     run_id = found[0].info.run_id
     with ckpt.as_directory() as d:
         client.log_artifacts(run_id, d, artifact_path="checkpoint")
-    client.set_tag(run_id, "tl_sweep.best", "true")
+    client.set_tag(run_id, TAG_BEST, "true")
 
 
-def _rollback(folder: Path, handler: logging.Handler) -> None:
-    """Nothing half-written: remove what this run created before the sweep could start."""
-    _shutdown_logs(handler)
-    shutil.rmtree(folder, ignore_errors=True)
-
-
-def _shutdown_logs(handler: logging.Handler) -> None:
+def _shutdown(handler: logging.Handler) -> None:
     try:
         import ray
 

@@ -10,15 +10,16 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import os
-import re
 import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
-from urllib.parse import urlsplit, urlunsplit
 
 from ray.tune import Callback
+
+from orchestrator.secrets import SECRET_ENV, is_secret, redact, strip_credentials
+from trainables import metrics as M
+from trainables.config import TrialConfig, done
 
 TAG_SWEEP = "tl_sweep.sweep_id"
 TAG_TRIAL = "tl_sweep.trial_id"
@@ -26,45 +27,23 @@ TAG_PRUNED = "tl_sweep.pruned"
 TAG_ERROR = "tl_sweep.error"
 TAG_ROLE = "tl_sweep.role"
 TAG_NODE = "tl_sweep.node_id"
-SECRET_WORDS = ("token", "password", "secret", "access_key", "api_key")
-
-# Callbacks that Tune unpickled while restoring an experiment (tl-sweep resume): the driver
-# takes them from here, since Tune restores its callbacks from the pickled run config.
-RESTORED: List["DriverCallback"] = []
+TAG_RETRIES = "tl_sweep.retries"
+TAG_BEST = "tl_sweep.best"
+TAG_STARTS = "tl_sweep.starts"
 
 
 class DriverCallback(Callback):
     """A Tune callback with driver-only handles (an MLflow client, a console).
 
-    Tune pickles callbacks with the experiment; the handles are left out and rebuilt when a
-    restored experiment unpickles them."""
-
-    driver_only: tuple = ()
+    Tune pickles its callbacks into the experiment (tuner.pkl) when a sweep starts; a resumed
+    sweep does not use those copies but hands Tune fresh callbacks (sweep.resume_sweep). So a
+    callback pickles to nothing: no handle, no credential, no state reaches the disk."""
 
     def __getstate__(self):
-        return {k: v for k, v in self.__dict__.items() if k not in self.driver_only}
+        return {}
 
     def __setstate__(self, state):
         self.__dict__.update(state)
-        self.rebuild()
-        RESTORED.append(self)
-
-    def rebuild(self) -> None:
-        raise NotImplementedError
-
-
-def redact(text: str) -> str:
-    """Drop credentials from URIs (user:password@host) and secret-looking query values."""
-    def one(m: "re.Match[str]") -> str:
-        parts = urlsplit(m.group(0))
-        if parts.username or parts.password:
-            host = parts.hostname or ""
-            netloc = f"***@{host}" + (f":{parts.port}" if parts.port else "")
-            parts = parts._replace(netloc=netloc)
-        return urlunsplit(parts)
-
-    text = re.sub(r"[a-zA-Z][a-zA-Z0-9+.-]*://[^\s'\"]+", one, text)
-    return re.sub(r"(?i)((?:token|password|secret|access_key|api_key)[^=&\s]*=)[^&\s'\"]+", r"\1***", text)
 
 
 def default_tracking_uri(storage_path: str) -> str:
@@ -77,13 +56,7 @@ def resolve_tracking_uri(cli_uri: Optional[str], spec_uri: Optional[str], storag
     MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD for this process, so the URI that is
     stored (sweep.json, Tune's experiment state) and printed holds no secret."""
     uri = cli_uri or os.environ.get("MLFLOW_TRACKING_URI") or spec_uri or default_tracking_uri(storage_path)
-    parts = urlsplit(uri)
-    if parts.username or parts.password:
-        os.environ["MLFLOW_TRACKING_USERNAME"] = parts.username or ""
-        os.environ["MLFLOW_TRACKING_PASSWORD"] = parts.password or ""
-        netloc = (parts.hostname or "") + (f":{parts.port}" if parts.port else "")
-        uri = urlunsplit(parts._replace(netloc=netloc))
-    return uri
+    return strip_credentials(uri, "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
 
 
 def terminate(client, run_id: str, status: str) -> None:
@@ -118,11 +91,6 @@ def flatten(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
     return out
 
 
-def is_secret(key: str) -> bool:
-    k = key.lower()
-    return any(w in k for w in SECRET_WORDS)
-
-
 def log_params(client, run_id: str, params: Dict[str, Any]) -> None:
     from mlflow.entities import Param
 
@@ -133,38 +101,42 @@ def log_params(client, run_id: str, params: Dict[str, Any]) -> None:
 
 def metric_items(result: Dict[str, Any]) -> Dict[str, float]:
     """The trainable's own metrics (namespaced keys, epoch, images_per_s), not Ray's bookkeeping."""
-    out = {}
-    for k, v in result.items():
-        if ("/" in k or k in ("epoch", "images_per_s")) and isinstance(v, (int, float)) and not isinstance(v, bool):
-            out[k] = float(v)
-    return out
+    return {k: float(v) for k, v in result.items()
+            if M.is_trial_metric(k) and isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def trial_outcome(trial, epochs_run: int) -> str:
+    """'done' when the trial ran all its epochs, else 'pruned' (the scheduler stopped it)."""
+    return "done" if done(trial.config, epochs_run) else "pruned"
 
 
 class MlflowTracker(DriverCallback):
     """A Ray Tune callback on the driver that mirrors every trial into its MLflow child run."""
 
-    driver_only = ("client",)
-
-    def __init__(
-        self,
-        uri: str,
-        experiment_id: str,
-        parent_run_id: str,
-        sweep_id: str,
-        epochs_of: Callable[[Dict[str, Any]], int],
-        trial_spec: Callable[[Dict[str, Any]], str],
-    ):
+    def __init__(self, uri: str, experiment_id: str, parent_run_id: str, sweep_id: str,
+                 trial_spec: Callable[[Dict[str, Any]], str], broker: Optional[str] = None):
         self.uri, self.experiment_id = uri, experiment_id
         self.parent_run_id, self.sweep_id = parent_run_id, sweep_id
-        self.epochs_of, self.trial_spec = epochs_of, trial_spec
+        self.trial_spec, self.broker = trial_spec, broker
         self.runs: Dict[str, str] = {}
         self.closed: Dict[str, str] = {}
-        self.rebuild()
+        self.logged_epoch: Dict[str, int] = {}
+        self.nodes: Dict[str, str] = {}
+        self.starts: Dict[str, int] = {}
+        self._client = None
 
-    def rebuild(self) -> None:
-        self.client = client_for(self.uri)
-        # After a restart, trials re-run from their checkpoints: learn again what each has logged.
-        self.runs, self.closed, self.logged_epoch, self.nodes = {}, {}, {}, {}
+    @property
+    def client(self):
+        if self._client is None:
+            mlflow_env = [k for k in SECRET_ENV if k.startswith("MLFLOW_")]
+            if self.broker and not any(os.environ.get(k) for k in mlflow_env):
+                # with Ray Client, this runs on the head: the driver's MLflow credentials are
+                # in the sweep's broker, not in this process
+                from trainables.secrets import apply
+
+                apply(self.broker)
+            self._client = client_for(self.uri)
+        return self._client
 
     # --------------------------------------------------------------- child runs
     def run_for(self, trial) -> str:
@@ -175,7 +147,8 @@ class MlflowTracker(DriverCallback):
         found = find_child_run(self.client, self.experiment_id, self.parent_run_id, tid)
         if found:
             run_id = found[0].info.run_id
-            self.logged_epoch[tid] = int(found[0].data.metrics.get("epoch", 0))
+            self.logged_epoch[tid] = int(found[0].data.metrics.get(M.EPOCH, 0))
+            self.starts[tid] = int(found[0].data.tags.get(TAG_STARTS, 0))
             if found[0].info.status != "RUNNING":
                 self.client.update_run(run_id, status="RUNNING")
         else:
@@ -185,7 +158,7 @@ class MlflowTracker(DriverCallback):
                 tags={"mlflow.parentRunId": self.parent_run_id, TAG_TRIAL: tid, TAG_SWEEP: self.sweep_id, TAG_ROLE: "trial"},
             )
             run_id = run.info.run_id
-            log_params(self.client, run_id, trial.config)
+            log_params(self.client, run_id, dict(trial.config, seed=TrialConfig.parse(trial.config).seed))
             self.client.log_text(run_id, redact(self.trial_spec(trial.config)), "trial_spec.yaml")
         self.runs[tid] = run_id
         return run_id
@@ -199,12 +172,16 @@ class MlflowTracker(DriverCallback):
 
     # --------------------------------------------------------------- Tune hooks
     def on_trial_start(self, iteration, trials, trial, **info):
-        self.run_for(trial)
+        # how often the trial started: 1, plus one per resume or retry that went on with it
+        run_id = self.run_for(trial)
+        starts = self.starts.get(trial.trial_id, 0) + 1
+        self.starts[trial.trial_id] = starts
+        self.client.set_tag(run_id, TAG_STARTS, str(starts))
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         from mlflow.entities import Metric
 
-        step = int(result.get("epoch", result.get("training_iteration", 0)))
+        step = int(result.get(M.EPOCH, result.get("training_iteration", 0)))
         run_id = self.run_for(trial)
         if step <= self.logged_epoch.get(trial.trial_id, 0):
             return  # an epoch re-run after a restart from an older checkpoint: keep one value per step
@@ -213,17 +190,16 @@ class MlflowTracker(DriverCallback):
         metrics = [Metric(k, v, now, step) for k, v in metric_items(result).items()]
         if metrics:
             self.client.log_batch(run_id, metrics=metrics)
-        node = result.get("node_id")
+        node = result.get(M.NODE_ID)
         if node and self.nodes.get(trial.trial_id) != node:  # the node a (restarted) trial runs on
             self.nodes[trial.trial_id] = node
             self.client.set_tag(run_id, TAG_NODE, str(node))
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         last = trial.last_result or {}
-        epochs = self.epochs_of(trial.config)
         self.run_for(trial)
-        done = max(int(last.get("epoch", 0)), self.logged_epoch.get(trial.trial_id, 0))
-        if done < epochs:
+        epochs = max(int(last.get(M.EPOCH, 0)), self.logged_epoch.get(trial.trial_id, 0))
+        if trial_outcome(trial, epochs) == "pruned":
             self._close(trial, "KILLED", {TAG_PRUNED: "true"})
         else:
             self._close(trial, "FINISHED", {TAG_PRUNED: "false"})
@@ -233,7 +209,7 @@ class MlflowTracker(DriverCallback):
 
     def on_trial_recover(self, iteration, trials, trial, **info):
         # The trial restarts from its last checkpoint (failure.max_retries): same child run.
-        self.client.set_tag(self.run_for(trial), "tl_sweep.retries", str(trial.num_failures))
+        self.client.set_tag(self.run_for(trial), TAG_RETRIES, str(trial.num_failures))
 
     def close_open_runs(self, trials: List[Any], status: str = "KILLED") -> None:
         """After an interrupt: close every child run still RUNNING (no orphans)."""
@@ -271,9 +247,3 @@ def short_error(text: str) -> str:
         if "Error" in ln or "Exception" in ln:
             return ln[:300]
     return (lines[-1] if lines else text)[:300]
-
-
-def write_json(path: Path, data: Dict[str, Any]) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
-    tmp.replace(path)

@@ -30,6 +30,25 @@ BASE_SPEC: Dict = {
 }
 
 
+# One shrink for every end-to-end run of a shipped spec (an overlay of --set values): tiny inputs,
+# one sample per grid point, one CPU per trial, no DataLoader workers.
+SHRINK: Dict[str, object] = {
+    "data.image_size": 32, "data.max_images": 150, "data.num_workers": 0, "train.batch_size": 16,
+    "search.num_samples": 1, "resources.cpu": 1, "resources.gpu": 0,
+}
+
+
+def shrunk(extra: Dict[str, object] | None = None) -> List[str]:
+    """``--set`` arguments for SHRINK with ``extra`` on top (values are written as YAML)."""
+    args: List[str] = []
+    for key, value in {**SHRINK, **(extra or {})}.items():
+        text = value if isinstance(value, str) else yaml.safe_dump(value, default_flow_style=True).strip()
+        if text.endswith("\n..."):
+            text = text[: -len("\n...")]
+        args += ["--set", f"{key}={text}"]
+    return args
+
+
 @pytest.fixture
 def base_spec() -> Dict:
     return copy.deepcopy(BASE_SPEC)

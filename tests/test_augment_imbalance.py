@@ -6,9 +6,13 @@ import pytest
 import torch
 
 from conftest import trial_config
-from trainables.augment import Augmented, BatchMix, build_train_transform, class_weights
+from trainables.config import AugmentConfig
 from trainables.data import DataError, build_data
-from trainables.trainable import FineTuneTrial, confusion_metrics
+from trainables.data.loaders import SeededView
+from trainables.data.transforms import train_transform
+from trainables.metrics import confusion_metrics
+from trainables.mixing import BatchMix, class_weights
+from trainables.trainable import FineTuneTrial
 
 
 @pytest.mark.parametrize("alphas", [(1.0, 0.0), (0.0, 0.4), (1.0, 0.4)])
@@ -30,19 +34,20 @@ def test_no_mixing_gives_one_hot_targets():
 
 
 def test_train_transform_only_when_asked_and_only_for_training(base_spec):
-    assert build_train_transform({"image_size": 16}) is None
-    tf = build_train_transform({"image_size": 16, "hflip": True, "rotation": 10, "scale_jitter": 0.1,
-                                "crop_scale_min": 0.5, "trivial_augment": True, "random_erasing": 0.5})
+    assert train_transform(AugmentConfig(), 16) is None
+    tf = train_transform(AugmentConfig(hflip=True, rotation=10, scale_jitter=0.1, crop_scale_min=0.5,
+                                       trivial_augment=True, random_erasing=0.5), 16)
     img = torch.randint(0, 255, (3, 16, 16), dtype=torch.uint8)
     torch.manual_seed(0)
     outs = [tf(img) for _ in range(4)]
     assert all(o.shape == (3, 16, 16) and o.dtype == torch.uint8 for o in outs)
     assert any(not torch.equal(o, img) for o in outs)
     base_spec["model"] = {"name": "resnet18", "weights": "none"}
-    base_spec["data"].update(hflip=True, image_size=16)
+    base_spec["data"].update(image_size=16)
+    base_spec["augment"] = {"hflip": True}
     trial = FineTuneTrial(trial_config(base_spec))
-    assert isinstance(trial.loaders["train"].dataset, Augmented)
-    assert not isinstance(trial.loaders["val"].dataset, Augmented)
+    assert trial.loaders["train"].dataset.transform is not None
+    assert not isinstance(trial.loaders["val"].dataset, SeededView), "no augmentation outside training"
 
 
 def test_class_weights_match_the_counts():
@@ -93,7 +98,8 @@ def test_imbalance_remedies_in_a_trial(base_spec, pets_root):
 def test_mixing_and_label_smoothing_train(base_spec):
     base_spec["model"] = {"name": "resnet18", "weights": "none"}
     base_spec["data"].update(image_size=16, max_images=60)
-    base_spec["train"].update(cutmix_alpha=1.0, mixup_alpha=0.2, label_smoothing=0.1, epochs=1)
+    base_spec["augment"] = {"cutmix_alpha": 1.0, "mixup_alpha": 0.2}
+    base_spec["train"].update(label_smoothing=0.1, epochs=1)
     m = FineTuneTrial(trial_config(base_spec)).train_one_epoch()
     assert np.isfinite(m["train/loss"]) and 0 <= m["train/acc"] <= 1
 
@@ -125,7 +131,7 @@ def test_semi_supervised_trial_uses_the_unlabelled_images(base_spec, method):
     base_spec["train"]["epochs"] = 1
     base_spec["semi"] = {"method": method, "threshold": 0.0, "unlabeled_ratio": 2}
     trial = FineTuneTrial(trial_config(base_spec))
-    assert trial.loaders["unlabeled"].batch_size == 2 * base_spec["train"]["batch_size"]
+    assert trial.components["semi"].loader.batch_size == 2 * base_spec["train"]["batch_size"]
     m = trial.train_one_epoch()
     assert m["train/mask_rate"] == pytest.approx(1.0), "threshold 0: every prediction teaches"
     assert np.isfinite(m["train/unlabeled_loss"]) and m["train/unlabeled_loss"] > 0
@@ -139,4 +145,4 @@ def test_semi_supervised_without_unlabelled_images_is_plain_training(base_spec):
     base_spec["data"].update(image_size=16, max_images=60)
     base_spec["semi"] = {"method": "fixmatch"}
     trial = FineTuneTrial(trial_config(base_spec))
-    assert trial.semi_method == "none" and "unlabeled" not in trial.loaders
+    assert "semi" not in trial.components, "no unlabelled images: the semi-supervised loss is left out"

@@ -7,14 +7,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import SEARCH_SPACES, run_cli
+from conftest import SEARCH_SPACES, run_cli, shrunk
 
 pytestmark = pytest.mark.slow
 
-SHRINK = [
-    "--set", "data.max_images=150", "--set", "data.image_size=32", "--set", "train.epochs=2",
-    "--set", "search.num_samples=1", "--set", "search.space.strategy.unfreeze_last={grid: [0, 1]}",
-]
+QUICKSTART = {"train.epochs": 2, "search.space.strategy.unfreeze_last": {"grid": [0, 1]}}
 
 
 def mlflow_client(storage: Path):
@@ -42,7 +39,8 @@ def quickstart(tmp_path_factory):
     """The shipped quickstart, shrunk with --set: 2 trials x 2 epochs."""
     work = tmp_path_factory.mktemp("qs")
     storage = work / "sweeps"
-    r = run_cli(["run", str(SEARCH_SPACES / "quickstart.yaml"), *SHRINK, "--set", f"storage.path={storage}"], cwd=work)
+    r = run_cli(["run", str(SEARCH_SPACES / "quickstart.yaml"), *shrunk(QUICKSTART), "--set", f"storage.path={storage}"],
+                cwd=work)
     assert r.returncode == 0, r.stdout + r.stderr
     return work, storage, r
 

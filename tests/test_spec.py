@@ -67,12 +67,23 @@ def test_every_problem_is_reported_at_once(base_spec):
     base_spec["train"]["lr"] = "fast"
     base_spec["train"]["colour"] = "blue"
     base_spec["data"]["label_fraction"] = 0
-    base_spec["model"]["name"] = "resnet9000"
+    base_spec["model"]["name"] = "resnet 9000"
     base_spec["search"]["space"] = {"train.lr": {"loguniform": [0.1, 0.01]}}
     found = problems(base_spec)
     for key in ("train.lr: Input should be a valid number", "train.colour: unknown key",
                 "data.label_fraction: Input should be greater than 0", "model.name:", "search.space.train.lr"):
         assert any(p.startswith(key) for p in found), (key, found)
+
+
+def test_a_model_torchvision_and_timm_lack_is_found_by_the_worker_side_check(base_spec):
+    # whether a backbone exists needs torchvision / timm: trainables.check, where trials run
+    from trainables.check import CheckError, check
+
+    base_spec["model"]["name"] = "resnet9000"
+    config = validate(base_spec).trial_config()
+    with pytest.raises(CheckError) as e:
+        check([config])
+    assert e.value.key == "model" and "not a torchvision classification model" in e.value.message
 
 
 def test_label_fraction_bounds(base_spec):
@@ -102,11 +113,21 @@ def test_set_override_and_fixing_a_searched_field(base_spec):
     assert base_spec["train"]["epochs"] == 2, "overrides do not change the caller's mapping"
 
 
-def test_optuna_rejects_list_valued_choices(base_spec):
-    base_spec["search"]["space"] = {"strategy.group_lrs": {"choice": [[1e-3, 1e-4], [1e-3, 1e-5]]}}
-    assert any("Optuna takes only scalar" in p for p in problems(base_spec))
-    base_spec["search"]["algorithm"] = "random"
-    assert validate(base_spec).search.space["strategy.group_lrs"].kind == "choice"
+def test_list_valued_choices_work_with_every_algorithm(base_spec):
+    # Optuna's categoricals take scalars only: tl-sweep hands it the index of each list instead
+    from orchestrator import space as sp
+    from orchestrator import tuning
+
+    lists = [[1e-3, 1e-4], [1e-3, 1e-5]]
+    base_spec["search"]["space"] = {"strategy.group_lrs": {"choice": lists}}
+    for algorithm in ("optuna", "random", "grid"):
+        base_spec["search"].update(algorithm=algorithm, num_samples=2)
+        spec = validate(base_spec)
+        searcher = tuning.search_algorithm(spec)
+        proposals = [searcher.suggest(f"t{i}")["strategy"]["group_lrs"] for i in range(sp.num_trials(spec))]
+        assert all(p in lists for p in proposals), (algorithm, proposals)
+        if algorithm == "grid":
+            assert sorted(map(tuple, proposals)) == sorted(map(tuple, lists * 2))
 
 
 # --------------------------------------------------------------------------- CLI exit codes
@@ -159,9 +180,18 @@ def test_installed_command_exits_2_and_starts_nothing(tmp_path, base_spec, write
 
 def test_readme_spec_reference_names_every_field():
     from orchestrator.spec import SchedulerSpec, Spec
+    from trainables.config import registry
 
     readme = (SEARCH_SPACES.parent / "README.md").read_text()
+    keyed = {"data": "dataset", "strategy": "strategy", "losses": "loss", "phases": "phase"}
     for section, model in Spec.model_fields.items():
+        if section in keyed:
+            reg = registry(keyed[section])
+            for name in reg.names():  # every component's own fields
+                for field in reg.config(name).model_fields:
+                    where = f"losses.{name}.{field}" if section == "losses" else f"{section}.{field}"
+                    assert where in readme, f"{where} ({name}) is missing from README's spec reference"
+            continue
         sub = getattr(model.annotation, "model_fields", None)
         if sub is None:
             assert f"`{section}`" in readme, section

@@ -55,7 +55,7 @@ def test_unfreeze_at_given_epochs_and_new_group_warmup(tiny):
     assert layer4["joined"] == 2
     # the warm-up ramps the new group over its first epoch: at the end of it, the full LR
     assert layer4["lr"] == pytest.approx(1e-2)
-    assert group_lr(trial.train_cfg, 1e-2, 2, 2.0, 4.0, 2.25) == pytest.approx(2.5e-3)
+    assert group_lr(trial.config.train, 1e-2, 2, 2.0, 4.0, 2.25) == pytest.approx(2.5e-3)
 
 
 def test_gradual_unfreezing_resumes_with_the_same_param_groups(tiny, tmp_path):

@@ -4,31 +4,28 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import SEARCH_SPACES, run_cli
+from conftest import SEARCH_SPACES, run_cli, shrunk
 from test_e2e import mlflow_client, only_sweep, sweep_runs
 
 pytestmark = pytest.mark.slow
 
-SHRINK = ["--set", "model.name=resnet18", "--set", "model.weights=none", "--set", "data.image_size=32",
-          "--set", "data.num_workers=0", "--set", "train.batch_size=16", "--set", "resources.cpu=1",
-          "--set", "resources.gpu=0", "--set", "search.num_samples=1"]
+FROM_SCRATCH = {"model.name": "resnet18", "model.weights": "none"}  # no ImageNet ResNet-50 offline
 
 STUDIES = {
-    "strategy1": (["--set", "train.epochs=2", "--set", "search.space.strategy.unfreeze_last={grid: [1, 3]}",
-                   "--set", "search.scheduler.grace_period=1"], 2),
-    "strategy2": (["--set", "train.epochs=3", "--set", "search.space.strategy.unfreeze_every={grid: [1, 2]}",
-                   "--set", "search.scheduler.grace_period=1"], 2),
-    "bn": (["--set", "train.epochs=1", "--set", "search.space.strategy.unfreeze_last={grid: [1]}"], 4),
-    "augment": (["--set", "train.epochs=1", "--set", "search.num_samples=2", "--set", "search.scheduler.grace_period=1",
-                 "--set", "data.crop_scale_min=0.5"], 2),
-    "imbalance": (["--set", "train.epochs=1", "--set", "search.num_samples=1",
-                   "--set", "search.space.train.class_weighting={grid: [none, effective]}"], 4),
-    "binary": (["--set", "train.epochs=1", "--set", "search.scheduler.grace_period=1"], 2),
-    "label_fraction": (["--set", "train.epochs=1", "--set", "semi.unlabeled_ratio=1",
-                        "--set", "search.space.data.label_fraction={grid: [0.5]}"], 3),
-    "deeper": (["--set", "train.epochs=1", "--set", "train.warmup_epochs=0",
-                "--set", "search.space.model.name={grid: [resnet18, 'timm:convnext_atto']}",
-                "--set", "search.space.strategy.lr_decay={grid: [0.5]}"], 2),
+    "strategy1": ({"train.epochs": 2, "search.space.strategy.unfreeze_last": {"grid": [1, 3]},
+                   "search.scheduler.grace_period": 1}, 2),
+    "strategy2": ({"train.epochs": 3, "search.space.strategy.unfreeze_every": {"grid": [1, 2]},
+                   "search.scheduler.grace_period": 1}, 2),
+    "bn": ({"train.epochs": 1, "search.space.strategy.unfreeze_last": {"grid": [1]}}, 4),
+    "augment": ({"train.epochs": 1, "search.num_samples": 2, "search.scheduler.grace_period": 1,
+                 "augment.crop_scale_min": 0.5}, 2),
+    "imbalance": ({"train.epochs": 1, "search.space.train.class_weighting": {"grid": ["none", "effective"]}}, 4),
+    "binary": ({"train.epochs": 1, "search.scheduler.grace_period": 1}, 2),
+    "label_fraction": ({"train.epochs": 1, "semi.unlabeled_ratio": 1,
+                        "search.space.data.label_fraction": {"grid": [0.5]}}, 3),
+    "deeper": ({"train.epochs": 1, "train.warmup_epochs": 0,
+                "search.space.model.name": {"grid": ["resnet18", "timm:convnext_atto"]},
+                "search.space.strategy.lr_decay": {"grid": [0.5]}}, 2),
 }
 
 
@@ -36,7 +33,7 @@ STUDIES = {
 def test_study_runs_shrunk(study, tmp_path, pets_root):
     extra, trials = STUDIES[study]
     storage = tmp_path / "sweeps"
-    r = run_cli(["run", str(SEARCH_SPACES / f"{study}.yaml"), *SHRINK, *extra,
+    r = run_cli(["run", str(SEARCH_SPACES / f"{study}.yaml"), *shrunk({**FROM_SCRATCH, **extra}),
                  "--set", f"data.root={pets_root}", "--set", f"storage.path={storage}"], cwd=tmp_path)
     assert r.returncode == 0, r.stdout + r.stderr
     meta = only_sweep(storage, study)

@@ -9,10 +9,12 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
+
+from trainables.config import ModelConfig
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -68,16 +70,68 @@ def _replace(model: nn.Module, path: str, new: nn.Module) -> None:
     setattr(parent, leaf, new)
 
 
-def _last_linear(model: nn.Module) -> str:
-    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+def _classifier(model: nn.Module, classes: int = 1000) -> str:
+    """The module that outputs the ImageNet classes: the last ``nn.Linear`` (or, as in
+    SqueezeNet, ``nn.Conv2d``) with ``classes`` outputs."""
+    names = [n for n, m in model.named_modules()
+             if (isinstance(m, nn.Linear) and m.out_features == classes)
+             or (isinstance(m, nn.Conv2d) and m.out_channels == classes)]
     if not names:
-        raise ValueError(f"{type(model).__name__} has no nn.Linear classifier to replace")
+        raise ValueError(f"{type(model).__name__} has no classifier layer with {classes} outputs to replace")
     return names[-1]
 
 
+def _new_head(old: nn.Module, num_classes: int) -> nn.Module:
+    if isinstance(old, nn.Conv2d):
+        return nn.Conv2d(old.in_channels, num_classes, old.kernel_size, old.stride, old.padding)
+    return nn.Linear(old.in_features, num_classes, bias=old.bias is not None)
+
+
+# A layer group may hold at most this share of a backbone's parameters, unless one layer of it
+# holds half of the group (VGG's fc6): "unfreeze the last l groups" needs groups to unfreeze.
+MAX_GROUP_SHARE = 0.75
+
+
+def refine_groups(model: nn.Module, groups: List[LayerGroup]) -> List[LayerGroup]:
+    """Split every group that holds more than ``MAX_GROUP_SHARE`` of the parameters into the
+    children of the module that holds it (recursively, in order), unless one single layer makes
+    up half of the group. Measured on the model as built, before its head is replaced."""
+    sizes = {n: p.numel() for n, p in model.named_parameters()}
+    total = sum(sizes.values())
+    out: List[LayerGroup] = []
+    for g in groups:
+        out.extend(_split(g, sizes, total))
+    return out
+
+
+def _split(group: LayerGroup, sizes: Dict[str, int], total: int) -> List[LayerGroup]:
+    size = sum(sizes[p] for p in group.params)
+    layers: Dict[str, int] = {}
+    for p in group.params:
+        owner = p.rpartition(".")[0]
+        layers[owner] = layers.get(owner, 0) + sizes[p]
+    if size <= MAX_GROUP_SHARE * total or max(layers.values()) >= 0.5 * size:
+        return [group]
+    parts = [p.split(".") for p in group.params]
+    depth = 0  # the depth of the common module prefix
+    while all(len(x) > depth + 1 for x in parts) and len({x[depth] for x in parts}) == 1:
+        depth += 1
+    children: Dict[str, List[str]] = {}
+    for name, x in zip(group.params, parts):
+        children.setdefault(".".join(x[: depth + 1]), []).append(name)
+    if len(children) < 2:
+        return [group]
+    out: List[LayerGroup] = []
+    for prefix, params in children.items():
+        out.extend(_split(LayerGroup(prefix, params), sizes, total))
+    return out
+
+
 def torchvision_groups(model: nn.Module, head: str) -> List[LayerGroup]:
-    """Layer groups for torchvision classifiers: ResNet stages, VGG conv blocks, the blocks of
-    ``features`` (EfficientNet, MobileNet, ConvNeXt, DenseNet, ...), else top-level children."""
+    """Layer groups for torchvision classifiers: ResNet stages, the ViT stem and encoder layers,
+    VGG's conv blocks; else the top-level children, where the child that holds most of the
+    body (``features``, ``layers``, ``trunk_output``, ``blocks``) is taken apart into its own
+    children (EfficientNet, MobileNet, ConvNeXt, DenseNet, MNASNet, RegNet, MaxViT, ...)."""
     head_group = ("head", [head])
     children = dict(model.named_children())
     if all(f"layer{i}" in children for i in (1, 2, 3, 4)):  # ResNet / ResNeXt / Wide ResNet
@@ -87,30 +141,36 @@ def torchvision_groups(model: nn.Module, head: str) -> List[LayerGroup]:
         layers = [f"encoder.layers.{n}" for n, _ in model.encoder.layers.named_children()]
         body = [("stem", ["conv_proj", "class_token", "encoder.pos_embedding"])] + [(n.rsplit(".", 1)[1], [n]) for n in layers]
         return group_by_prefix(model, body + [("encoder.ln", ["encoder.ln"]), head_group])
-    feats = children.get("features")
-    if isinstance(feats, nn.Sequential):
-        body: List[Tuple[str, List[str]]] = []
-        if any(isinstance(m, nn.MaxPool2d) for m in feats) and type(model).__name__ == "VGG":
+    return group_by_prefix(model, child_groups(model, head, vgg=type(model).__name__ == "VGG") + [head_group])
+
+
+def child_groups(model: nn.Module, head: str, vgg: bool = False) -> List[Tuple[str, List[str]]]:
+    """The top-level children as groups (as prefixes), where the child that holds most of the
+    body is taken apart into its own children; with ``vgg``, ``features`` splits at each
+    max-pool. What is left beside the head in its container is one more group."""
+    children = dict(model.named_children())
+    top = [n for n in children if n != head and not head.startswith(n + ".")]
+    sizes = {n: sum(p.numel() for p in children[n].parameters()) for n in top}
+    main = max(sizes, key=sizes.get) if sizes else None
+    body: List[Tuple[str, List[str]]] = []
+    for n in top:
+        parts = list(children[n].named_children())
+        if vgg and n == "features":  # conv blocks end at each max-pool
             block: List[str] = []
-            for n, m in feats.named_children():
-                block.append(f"features.{n}")
+            for c, m in parts:
+                block.append(f"features.{c}")
                 if isinstance(m, nn.MaxPool2d):
                     body.append((f"block{len(body) + 1}", block))
                     block = []
+        elif n == main and len(parts) > 1 and sizes[n] > MAX_GROUP_SHARE * sum(sizes.values()):
+            body += [(f"{n}.{c}", [f"{n}.{c}"]) for c, _ in parts]
         else:
-            body = [(f"features.{n}", [f"features.{n}"]) for n, _ in feats.named_children()]
-        rest = [n for n in children if n != "features" and not head.startswith(n + ".") and n != head]
-        body += [(n, [n]) for n in rest]
-        # whatever is left beside the head in its container (VGG fc6/fc7, ConvNeXt's LayerNorm)
-        container = head.rpartition(".")[0]
-        if container:
-            body.append((f"{container}_pre_head", [container]))
-        return group_by_prefix(model, body + [head_group])
-    top = [(n, [n]) for n in children if n != head and not head.startswith(n + ".")]
+            body.append((n, [n]))
+    # whatever is left beside the head in its container (VGG fc6/fc7, ConvNeXt's LayerNorm)
     container = head.rpartition(".")[0]
     if container:
-        top.append((f"{container}_pre_head", [container]))
-    return group_by_prefix(model, top + [head_group])
+        body.append((f"{container}_pre_head", [container]))
+    return body
 
 
 def _torchvision_imagenet_state(name: str) -> dict:
@@ -131,7 +191,7 @@ def _torchvision_imagenet_state(name: str) -> dict:
         ) from e
 
 
-def _build_torchvision(name: str, weights: str, num_classes: int) -> Tuple[nn.Module, str]:
+def _build_torchvision(name: str, weights: str, num_classes: int) -> Tuple[nn.Module, List[LayerGroup]]:
     import torchvision
 
     if name not in torchvision.models.list_models(module=torchvision.models):
@@ -142,10 +202,10 @@ def _build_torchvision(name: str, weights: str, num_classes: int) -> Tuple[nn.Mo
     model = torchvision.models.get_model(name, weights=None)
     if weights == "imagenet":
         model.load_state_dict(_torchvision_imagenet_state(name))
-    head = "fc" if isinstance(getattr(model, "fc", None), nn.Linear) else _last_linear(model)
-    old = model.get_submodule(head)
-    _replace(model, head, nn.Linear(old.in_features, num_classes))
-    return model, head
+    head = "fc" if isinstance(getattr(model, "fc", None), nn.Linear) else _classifier(model)
+    groups = refine_groups(model, torchvision_groups(model, head))  # measured with the original head
+    _replace(model, head, _new_head(model.get_submodule(head), num_classes))
+    return model, groups
 
 
 # --------------------------------------------------------------------------- timm
@@ -178,11 +238,21 @@ def load_in_order(model: nn.Module, state: Dict[str, torch.Tensor], source: str)
 
 
 def timm_groups(model: nn.Module) -> List[LayerGroup]:
-    """timm's own coarse ``group_matcher`` groups, with the classifier split off as the head."""
+    """timm's own coarse ``group_matcher`` groups (or, for a model without one, its children as
+    for torchvision models), with the classifier split off as the head, then refined where one
+    group holds most of the model."""
     from timm.models import group_parameters
 
-    head_params = {f"{n}" for n, _ in _classifier_params(model)}
-    raw = group_parameters(model, model.group_matcher(coarse=True))
+    order = list(dict(model.named_parameters()))
+    head_params = {n for n, _ in _classifier_params(model)}
+    try:
+        raw = group_parameters(model, model.group_matcher(coarse=True))
+    except (AttributeError, AssertionError, NotImplementedError):  # no coarse grouping for this family
+        clf = model.get_classifier()
+        head = next((n for n, m in model.named_modules() if m is clf), "") if isinstance(clf, nn.Module) else ""
+        body = [g for g in group_by_prefix(model, child_groups(model, head) + [("head", [head] if head else [])])
+                if g.name != "head"]
+        raw = {i: [p for p in g.params if p not in head_params] for i, g in enumerate(body)}
     groups: List[LayerGroup] = []
     for names in raw.values():
         names = [n for n in names if n not in head_params]
@@ -191,8 +261,9 @@ def timm_groups(model: nn.Module) -> List[LayerGroup]:
             if label == "head" or any(g.name == label for g in groups):
                 label += "_pre_head" if label == "head" else f"_{len(groups)}"
             groups.append(LayerGroup(label, names))
-    groups.append(LayerGroup("head", sorted(head_params, key=list(dict(model.named_parameters())).index)))
-    return groups
+    if head_params:
+        groups.append(LayerGroup("head", sorted(head_params, key=order.index)))
+    return refine_groups(model, groups)
 
 
 def _classifier_params(model: nn.Module):
@@ -201,7 +272,7 @@ def _classifier_params(model: nn.Module):
     return [(n, p) for n, p in model.named_parameters() if id(p) in ids]
 
 
-def _build_timm(name: str, weights: str, num_classes: int) -> nn.Module:
+def _build_timm(name: str, weights: str, num_classes: int) -> Tuple[nn.Module, List[LayerGroup]]:
     import timm
 
     if not timm.is_model(name):
@@ -221,8 +292,16 @@ def _build_timm(name: str, weights: str, num_classes: int) -> nn.Module:
             ) from e
     else:
         model = timm.create_model(name, pretrained=False)
+    groups = timm_groups(model)  # measured with the original classifier, whose names stay
     model.reset_classifier(num_classes)
-    return model
+    if not _covers(model, groups):  # a model shipped without a classifier (or renamed by the reset)
+        groups = timm_groups(model)
+    return model, groups
+
+
+def _covers(model: nn.Module, groups: List[LayerGroup]) -> bool:
+    listed = [p for g in groups for p in g.params]
+    return len(listed) == len(set(listed)) and set(listed) == {n for n, _ in model.named_parameters()}
 
 
 # --------------------------------------------------------------------------- entry point
@@ -255,20 +334,21 @@ def load_state_file(model: nn.Module, path: str, head_params: Sequence[str]) -> 
         )
 
 
-def build_backbone(cfg: dict, num_classes: int) -> Backbone:
-    """Build ``cfg['name']`` (torchvision name or ``timm:<name>``) with a new head for
-    ``num_classes`` and ``cfg['weights']`` (imagenet | none | path to a state dict)."""
-    name, weights = cfg["name"], str(cfg.get("weights", "imagenet"))
+def build_backbone(cfg: Any, num_classes: int) -> Backbone:
+    """Build ``cfg.name`` (torchvision name or ``timm:<name>``) with a new head for
+    ``num_classes`` and ``cfg.weights`` (imagenet | none | path to a state dict)."""
+    cfg = cfg if isinstance(cfg, ModelConfig) else ModelConfig.model_validate(cfg)
+    name, weights = cfg.name, cfg.weights
     pretrained = "imagenet" if weights == "imagenet" else "none"
     if name.startswith("timm:"):
-        model = _build_timm(name[5:], pretrained, num_classes)
-        groups = timm_groups(model)
+        model, groups = _build_timm(name[5:], pretrained, num_classes)
         cfg_ = getattr(model, "pretrained_cfg", {}) or {}
         mean, std = tuple(cfg_.get("mean", IMAGENET_MEAN)), tuple(cfg_.get("std", IMAGENET_STD))
     else:
-        model, head = _build_torchvision(name, pretrained, num_classes)
-        groups = torchvision_groups(model, head)
+        model, groups = _build_torchvision(name, pretrained, num_classes)
         mean, std = IMAGENET_MEAN, IMAGENET_STD
+    if not _covers(model, groups):
+        raise RuntimeError(f"{name}: its layer groups do not cover its parameters once each (a new head renamed them?)")
     if weights not in ("imagenet", "none"):
         load_state_file(model, weights, groups[-1].params)
     return Backbone(model=model, groups=groups, mean=mean, std=std)

@@ -1,34 +1,37 @@
 """Optimizers by name (learning-rate schedules: trainables/schedules.py)."""
 from __future__ import annotations
 
-from typing import Callable, Dict, List
+from typing import Any, Callable, Dict, List
 
-import torch
-
+from trainables.config import TrainConfig
 from trainables.registry import Registry
 
-OPTIMIZERS: Registry[Callable[[List[Dict], dict], torch.optim.Optimizer]] = Registry("optimizer")
+OPTIMIZERS: Registry[Callable[[List[Dict], TrainConfig], Any]] = Registry("optimizer")
 
 
 @OPTIMIZERS.register("adam")
-def _adam(groups, cfg):
+def _adam(groups, cfg: TrainConfig):
+    import torch
+
     # torch's Adam adds L2 to the gradient; AdamW decouples it (Loshchilov & Hutter).
-    return torch.optim.Adam(groups, lr=cfg["lr"], weight_decay=cfg.get("weight_decay", 0.0))
+    return torch.optim.Adam(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
 @OPTIMIZERS.register("adamw")
-def _adamw(groups, cfg):
-    return torch.optim.AdamW(groups, lr=cfg["lr"], weight_decay=cfg.get("weight_decay", 0.0))
+def _adamw(groups, cfg: TrainConfig):
+    import torch
+
+    return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
 @OPTIMIZERS.register("sgd")
-def _sgd(groups, cfg):
-    momentum = cfg.get("momentum", 0.9)
-    return torch.optim.SGD(
-        groups, lr=cfg["lr"], momentum=momentum, nesterov=bool(cfg.get("nesterov", True)) and momentum > 0,
-        weight_decay=cfg.get("weight_decay", 0.0),
-    )
+def _sgd(groups, cfg: TrainConfig):
+    import torch
+
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0,
+                           weight_decay=cfg.weight_decay)
 
 
-def build_optimizer(groups: List[Dict], cfg: dict) -> torch.optim.Optimizer:
-    return OPTIMIZERS.get(cfg.get("optimizer", "adamw"))(groups, cfg)
+def build_optimizer(groups: List[Dict], cfg: Any):
+    cfg = cfg if isinstance(cfg, TrainConfig) else TrainConfig.model_validate(cfg)
+    return OPTIMIZERS.get(cfg.optimizer)(groups, cfg)

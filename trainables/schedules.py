@@ -12,31 +12,32 @@ from __future__ import annotations
 import math
 from typing import Callable
 
+from trainables.config import TrainConfig
 from trainables.registry import Registry
 
-SCHEDULES: Registry[Callable[[dict, float, float], float]] = Registry("scheduler")
+SCHEDULES: Registry[Callable[[TrainConfig, float, float], float]] = Registry("scheduler")
 
 
 @SCHEDULES.register("constant")
-def _constant(cfg: dict, t: float, total: float) -> float:
+def _constant(cfg: TrainConfig, t: float, total: float) -> float:
     return 1.0
 
 
 @SCHEDULES.register("step")
-def _step(cfg: dict, t: float, total: float) -> float:
-    return float(cfg.get("gamma", 0.1)) ** math.floor(t / int(cfg.get("step_size", 1)) + 1e-9)
+def _step(cfg: TrainConfig, t: float, total: float) -> float:
+    return cfg.gamma ** math.floor(t / cfg.step_size + 1e-9)
 
 
 @SCHEDULES.register("cosine")
-def _cosine(cfg: dict, t: float, total: float) -> float:
+def _cosine(cfg: TrainConfig, t: float, total: float) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(t / max(total, 1e-9), 1.0)))
 
 
 @SCHEDULES.register("onecycle")
-def _onecycle(cfg: dict, t: float, total: float) -> float:
+def _onecycle(cfg: TrainConfig, t: float, total: float) -> float:
     """Smith's one-cycle: up from 1/div to 1 over the first ``onecycle_pct`` of training, then
     cosine down to 1/(div * 1e4), as torch's OneCycleLR (cos annealing, div_factor 25)."""
-    pct, div = float(cfg.get("onecycle_pct", 0.3)), 25.0
+    pct, div = cfg.onecycle_pct, 25.0
     up = pct * total
     if t < up:
         return 1.0 / div + (1.0 - 1.0 / div) * t / max(up, 1e-9)
@@ -45,8 +46,9 @@ def _onecycle(cfg: dict, t: float, total: float) -> float:
 
 
 @SCHEDULES.register("warmup")
-def _warmup(cfg: dict, t: float, total: float) -> float:
-    """Linear warm-up over ``warmup_epochs``, then constant (any schedule can warm up too)."""
+def _warmup(cfg: TrainConfig, t: float, total: float) -> float:
+    """Linear warm-up over ``warmup_epochs`` (required), then constant (any schedule can warm
+    up too: ``warmup_epochs`` applies to every one)."""
     return 1.0
 
 
@@ -55,21 +57,27 @@ def warm(t: float, epochs: float) -> float:
     return 1.0 if epochs <= 0 else min(1.0, max(t, 0.0) / epochs)
 
 
-def lr_factor(cfg: dict, t: float, total: float) -> float:
+def lr_factor(cfg: TrainConfig, t: float, total: float) -> float:
     """The schedule's factor at progress ``t`` of ``total`` epochs, with the global warm-up."""
-    return SCHEDULES.get(cfg.get("scheduler", "cosine"))(cfg, t, total) * warm(t, float(cfg.get("warmup_epochs", 0)))
+    cfg = _train(cfg)
+    return SCHEDULES.get(cfg.scheduler)(cfg, t, total) * warm(t, cfg.warmup_epochs)
 
 
-def group_lr(cfg: dict, base_lr: float, joined: float, t: float, total: float, step_t: float) -> float:
+def group_lr(cfg: TrainConfig, base_lr: float, joined: float, t: float, total: float, step_t: float) -> float:
     """A param group's LR: its base LR times the schedule and, for a group that joined after
     the start (gradual unfreezing), its own warm-up over ``new_group_warmup`` epochs.
 
     ``train.schedule_scope: per_group`` runs each group's schedule from the epoch it joined
     to the end; ``shared`` (default) runs one schedule over the whole training."""
-    if cfg.get("schedule_scope", "shared") == "per_group":
+    cfg = _train(cfg)
+    if cfg.schedule_scope == "per_group":
         f = lr_factor(cfg, t - joined, total - joined)
     else:
         f = lr_factor(cfg, t, total)
     if joined > 0:
-        f *= warm(step_t - joined, float(cfg.get("new_group_warmup", 0)))
+        f *= warm(step_t - joined, cfg.new_group_warmup)
     return base_lr * f
+
+
+def _train(cfg) -> TrainConfig:
+    return cfg if isinstance(cfg, TrainConfig) else TrainConfig.model_validate(cfg)

@@ -2,7 +2,12 @@
 
 ``FineTuneTrial`` runs without Ray (tests, benchmarks); ``train_trial`` is the thin entry
 function Ray Tune calls. Metric keys are namespaced (``train/loss``, ``val/acc``) and are the
-same in Ray Tune, ASHA / Optuna and MLflow.
+same in Ray Tune, ASHA / Optuna and MLflow (trainables/metrics.py).
+
+The training step is open: a strategy may change modules before the optimizer exists
+(``prepare``) and act after backward / after the optimizer step (gradient masks); extra losses
+are components with their own loaders and state (trainables/losses/) that the step sums with
+their weights; a trial may run phases one after the other (trainables/phases.py).
 """
 from __future__ import annotations
 
@@ -10,20 +15,23 @@ import random
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable, Dict, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, WeightedRandomSampler
 
-from trainables.augment import Augmented, BatchMix, build_train_transform, class_weights
-
+from trainables import metrics as M
+from trainables.config import TrialConfig, TrialSections
 from trainables.data import build_data
+from trainables.data.loaders import eval_loader, seeded_loader, workers
+from trainables.data.transforms import train_transform
+from trainables.losses import LOSSES, SEMI, LossComponent
+from trainables.mixing import BatchMix, class_weights
 from trainables.models import build_backbone
 from trainables.optim import build_optimizer
+from trainables.phases import PHASES
 from trainables.schedules import group_lr
-from trainables.semi import Views, unlabeled_loss
 from trainables.strategies import STRATEGIES
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -40,88 +48,106 @@ def _device(name: str) -> torch.device:
 class FineTuneTrial:
     """Setup, train one epoch, evaluate, save and load: everything one trial does."""
 
-    def __init__(self, config: dict):
-        self.config = config
-        self.data_cfg, self.model_cfg = config["data"], config["model"]
-        self.strategy_cfg, self.train_cfg = config["strategy"], config["train"]
-        self.epoch = 0
+    def __init__(self, config: Any):
+        self.config = TrialConfig.parse(config)
+        self.epoch = 0  # epochs run, over all phases (ASHA's time attribute)
+        self.phase_index, self.phase_epoch = 0, 0
         self.last_metrics: Dict[str, float] = {}
         self.setup()
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
-        t = self.train_cfg
-        seed = int(t.get("seed", 0))
-        random.seed(seed)
-        np.random.seed(seed)
-        torch.manual_seed(seed)
-        threads = self.config.get("resources", {}).get("cpu")
-        if threads:
-            torch.set_num_threads(max(1, int(threads)))
-        self.device = _device(t.get("device", "auto"))
+        c = self.config
+        self.seed = c.seed
+        random.seed(self.seed)
+        np.random.seed(self.seed % 2**32)
+        torch.manual_seed(self.seed)
+        torch.set_num_threads(max(1, int(c.resources.cpu)))
+        self.device = _device(c.train.device)
         cuda = self.device.type == "cuda"
-        self.amp = bool(t.get("amp", True)) and cuda
-        self.channels_last = bool(t.get("channels_last", True)) and cuda
+        self.amp = c.train.amp and cuda
+        self.channels_last = c.train.channels_last and cuda
+        self.pin_memory = cuda
+        self.num_workers = workers(c)
 
-        self.data = build_data(self.data_cfg)
-        self.backbone = build_backbone(self.model_cfg, self.data.num_classes)
+        self.phases = c.phases or []
+        first = self.sections(0)
+        self.data = build_data(first.data)
+        self.backbone = build_backbone(c.model, self.data.num_classes)
         self.model = self.backbone.model.to(self.device)
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         shape = (1, 3, 1, 1)
         self.mean = torch.tensor(self.backbone.mean, device=self.device).view(shape)
         self.std = torch.tensor(self.backbone.std, device=self.device).view(shape)
+        self.enter_phase(0)
 
-        self.strategy = STRATEGIES.get(self.strategy_cfg.get("name", "unfreeze_last"))(
-            self.backbone, self.strategy_cfg, float(t["lr"])
-        )
+    def sections(self, index: int) -> TrialSections:
+        """The sections phase ``index`` runs with (the trial's own when it has no phases)."""
+        return self.config.phase_sections(index) if self.phases else self.config
+
+    def phase_epochs(self, index: int) -> int:
+        return self.config.phase_epochs(index) if self.phases else self.config.train.epochs
+
+    @property
+    def num_phases(self) -> int:
+        return max(1, len(self.phases))
+
+    def enter_phase(self, index: int) -> None:
+        """Build what phase ``index`` trains with: data, strategy (its ``prepare`` hook runs
+        here, before the optimizer exists), optimizer, supervised loss, extra losses, loaders."""
+        s = self.sections(index)
+        self.phase_index, self.phase_epoch = index, 0
+        self.phase_cfg = s
+        kind = self.phases[index].kind if self.phases else "train"
+        self.phase = PHASES.get(kind)(self, index)
+        if index > 0 and s.data != self.sections(index - 1).data:
+            data = build_data(s.data)
+            if data.num_classes != self.data.num_classes:
+                raise ValueError(f"phases.{index}: its data set has {data.num_classes} classes, the trial's head "
+                                 f"{self.data.num_classes}; phases of a trial share one head")
+            self.data = data
+        t = s.train
+        self.strategy = STRATEGIES.get(s.strategy.name)(self.backbone, s.strategy, t.lr)
+        self.strategy.prepare(self.model)
         self.active_groups = self.strategy.apply(self.model, 1)
         self.optimizer = build_optimizer(self._new_param_groups(self.active_groups, joined=0), t)
 
         C = self.data.num_classes
         counts = torch.bincount(torch.as_tensor(self.data.train.targets), minlength=C)
-        weights = class_weights(counts, t.get("class_weighting", "none"), float(t.get("effective_beta", 0.999)))
+        weights = class_weights(counts, t.class_weighting, t.effective_beta)
         self.loss_weights = None if weights is None else weights.to(self.device)
-        self.label_smoothing = float(t.get("label_smoothing", 0.0))
-        self.mix = BatchMix(C, float(t.get("cutmix_alpha", 0.0)), float(t.get("mixup_alpha", 0.0)),
-                            float(t.get("mix_prob", 1.0)))
-        transform = build_train_transform(self.data_cfg)
-        train_set = Augmented(self.data.train, transform) if transform else self.data.train
+        a = s.augment
+        self.mix = BatchMix(C, a.cutmix_alpha, a.mixup_alpha, a.mix_prob)
 
-        workers = int(self.data_cfg.get("num_workers", 0))
-        common = dict(num_workers=workers, pin_memory=cuda, persistent_workers=workers > 0)
-        self.generator = torch.Generator().manual_seed(seed)
-        if t.get("sampler", "uniform") == "oversample":
-            # every class equally likely per draw: rare classes are seen again, with replacement
+        # Every generator of the phase derives from the trial's seed and the phase's index.
+        base = self.seed + 1000 * index
+        self.generator = torch.Generator().manual_seed(base)
+        per_item = None
+        if t.sampler == "oversample":  # every class equally likely per draw, with replacement
             per_item = (1.0 / counts.clamp(min=1).double())[torch.as_tensor(self.data.train.targets)]
-            order = dict(sampler=WeightedRandomSampler(per_item, len(per_item), replacement=True, generator=self.generator))
-        else:
-            order = dict(shuffle=True, generator=self.generator)
-        self.loaders = {
-            "train": DataLoader(train_set, batch_size=int(t["batch_size"]), drop_last=False, **order, **common),
-        }
-        semi = self.config.get("semi") or {}
-        unlabeled = self.data.unlabeled
-        self.semi_method = semi.get("method", "none") if unlabeled is not None and len(unlabeled) else "none"
-        self.semi_cfg = semi
-        self.u_generator = torch.Generator().manual_seed(seed + 1)
-        if self.semi_method != "none":
-            views = Views(unlabeled, int(self.data_cfg["image_size"]), strong=self.semi_method == "fixmatch")
-            u_batch = max(1, int(round(float(semi.get("unlabeled_ratio", 1.0)) * int(t["batch_size"]))))
-            self.loaders["unlabeled"] = DataLoader(views, batch_size=u_batch, shuffle=True, generator=self.u_generator, **common)
-        eval_bs = int(t.get("eval_batch_size") or 2 * int(t["batch_size"]))
+        self.loaders = {"train": seeded_loader(self.data.train, train_transform(a, s.data.image_size), t.batch_size,
+                                               self.generator, self.num_workers, self.pin_memory, per_item)}
+        eval_bs = t.eval_batch_size or 2 * t.batch_size
         for split in ("val", "test"):
-            self.loaders[split] = DataLoader(getattr(self.data, split), batch_size=eval_bs, shuffle=False, **common)
+            self.loaders[split] = eval_loader(getattr(self.data, split), eval_bs, self.num_workers, self.pin_memory)
 
-    def _new_param_groups(self, indices, joined: int):
+        self.components: Dict[str, LossComponent] = {}
+        if s.semi.method != "none":
+            self.components["semi"] = SEMI.get(s.semi.method)(s.semi, self, base + 1)
+        for k, (name, cfg) in enumerate(s.losses.items()):
+            self.components[name] = LOSSES.get(name)(cfg, self, base + 2 + k)
+        self.components = {k: c for k, c in self.components.items() if c.active}
+
+    def _new_param_groups(self, indices, joined: float) -> List[Dict[str, Any]]:
         groups = self.strategy.param_groups(self.model, indices)
         for g in groups:
-            g["joined"] = joined  # the epoch (as progress) at which the group started training
+            g["joined"] = joined  # the phase's progress (in epochs) at which the group started training
         return groups
 
     def _sync_groups(self, epoch: int) -> None:
-        """Apply the strategy for ``epoch``; groups it newly unfreezes join the optimizer
-        (existing groups keep their optimizer state)."""
+        """Apply the strategy for the phase's ``epoch``; groups it newly unfreezes join the
+        optimizer (existing groups keep their optimizer state)."""
         active = self.strategy.apply(self.model, epoch)
         new = [i for i in active if i not in self.active_groups]
         for g in self._new_param_groups(new, joined=epoch - 1):
@@ -129,26 +155,56 @@ class FineTuneTrial:
         self.active_groups = active
 
     def _set_lrs(self, t: float, step_t: float) -> None:
-        total = float(self.train_cfg["epochs"])
+        cfg = self.phase_cfg.train
+        total = float(self.phase_epochs(self.phase_index))
         for g in self.optimizer.param_groups:
-            g["lr"] = group_lr(self.train_cfg, g["base_lr"], g["joined"], t, total, step_t)
+            g["lr"] = group_lr(cfg, g["base_lr"], g["joined"], t, total, step_t)
 
-    # ------------------------------------------------------------------ loops
-    def _inputs(self, x: torch.Tensor) -> torch.Tensor:
+    # ------------------------------------------------------------------ the step
+    def inputs(self, x: torch.Tensor) -> torch.Tensor:
+        """A uint8 batch as the model's input: on the device, normalised with the backbone's stats."""
         x = x.to(self.device, non_blocking=True).float().div_(255.0)
         x = (x - self.mean) / self.std
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return x
 
-    def _autocast(self):
+    def autocast(self):
         return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp)
+
+    def supervised_loss(self, x: torch.Tensor, y: torch.Tensor):
+        """Cross-entropy on the labelled batch (mixed with CutMix / MixUp when on): the loss,
+        the logits, and the targets accuracy is counted against."""
+        target = y
+        if self.mix.active:
+            x, target = self.mix(x, y)  # soft targets: each row sums to 1
+        with self.autocast():
+            logits = self.model(x)
+        loss = F.cross_entropy(logits.float(), target, weight=self.loss_weights,
+                               label_smoothing=self.phase_cfg.train.label_smoothing)
+        return loss, logits, (y if target is y else target.argmax(1))
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor):
+        """One optimizer step: the supervised loss plus every component's weighted loss."""
+        loss, logits, hard = self.supervised_loss(x, y)
+        for comp in self.components.values():
+            loss = loss + comp.weight * comp.loss(x, y)
+            comp.step_done()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.strategy.after_backward(self.model)
+        self.optimizer.step()
+        self.strategy.after_step(self.model)
+        return loss.detach(), (logits.argmax(1) == hard).sum()
 
     def train_one_epoch(self) -> Dict[str, float]:
         self.epoch += 1
-        if self.train_cfg.get("fail_at_epoch") == self.epoch:
+        self.phase_epoch += 1
+        fail = self.phase_cfg.train.fail_at_epoch
+        if fail == self.epoch:
             raise RuntimeError(f"train.fail_at_epoch={self.epoch}: this trial was asked to fail (a fault-tolerance test)")
-        self._sync_groups(self.epoch)
+        _test_fault(self.epoch)
+        self._sync_groups(self.phase_epoch)
         self.strategy.set_modes(self.model)
         # Sums stay on the device: no host sync per step.
         loss_sum = torch.zeros((), device=self.device)
@@ -159,41 +215,18 @@ class FineTuneTrial:
         # CUDA, where each check is a host sync.
         check_every = 20 if self.device.type == "cuda" else 1
         steps = max(len(self.loaders["train"]), 1)
-        semi = self.semi_method != "none"
-        u_iter = iter(self.loaders["unlabeled"]) if semi else None
-        u_loss_sum = torch.zeros((), device=self.device)
-        mask_sum = torch.zeros((), device=self.device)
-        self._set_lrs(self.epoch - 1, self.epoch - 1)
+        e = self.phase_epoch - 1
+        self._set_lrs(e, e)
         head = self.backbone.head.name  # groups that unfreeze later come after the head's
         lr = next(g["lr"] for g in self.optimizer.param_groups if g["name"] == head)
+        step = 0
         for step, (x, y) in enumerate(self.loaders["train"]):
-            t0 = self.epoch - 1 + step / steps
+            t0 = e + step / steps
             self._set_lrs(t0, t0 + 1.0 / steps)
-            x, y = self._inputs(x), y.to(self.device, non_blocking=True)
-            soft = None
-            if self.mix.active:
-                x, soft = self.mix(x, y)  # soft targets: each row sums to 1
-            with self._autocast():
-                logits = self.model(x)
-                loss = F.cross_entropy(logits.float(), y if soft is None else soft, weight=self.loss_weights,
-                                       label_smoothing=self.label_smoothing)
-            if semi:
-                try:
-                    views = next(u_iter)
-                except StopIteration:  # the unlabelled pool runs out before the labelled one: again
-                    u_iter = iter(self.loaders["unlabeled"])
-                    views = next(u_iter)
-                weak, strong = views if self.semi_method == "fixmatch" else (views, None)
-                lu, rate = unlabeled_loss(self.model, self._inputs(weak), None if strong is None else self._inputs(strong),
-                                          self.semi_method, float(self.semi_cfg.get("threshold", 0.95)), self._autocast)
-                loss = loss + float(self.semi_cfg.get("unlabeled_weight", 1.0)) * lu
-                u_loss_sum += lu.detach()
-                mask_sum += rate
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.optimizer.step()
-            loss_sum += loss.detach() * len(y)
-            correct += (logits.argmax(1) == (y if soft is None else soft.argmax(1))).sum()
+            x, y = self.inputs(x), y.to(self.device, non_blocking=True)
+            loss, right = self.train_step(x, y)
+            loss_sum += loss * len(y)
+            correct += right
             seen += len(y)
             if step % check_every == 0:
                 self._check_finite(loss_sum, step)
@@ -201,16 +234,18 @@ class FineTuneTrial:
             torch.cuda.synchronize()
         elapsed = time.perf_counter() - start
         self._check_finite(loss_sum, step)
-        extra = {"train/unlabeled_loss": u_loss_sum.item() / steps, "train/mask_rate": mask_sum.item() / steps} if semi else {}
-        return {
-            **extra,
-            "epoch": self.epoch,
-            "train/loss": loss_sum.item() / max(seen, 1),
-            "train/acc": correct.item() / max(seen, 1),
-            "train/lr": lr,  # the head's LR at the start of the epoch
-            "train/trainable_groups": len(self.active_groups),
-            "images_per_s": seen / max(elapsed, 1e-9),
-        }
+        out: Dict[str, float] = {}
+        for comp in self.components.values():
+            out.update(comp.epoch_metrics())
+        out.update({
+            M.EPOCH: self.epoch,
+            M.TRAIN_LOSS: loss_sum.item() / max(seen, 1),
+            M.TRAIN_ACC: correct.item() / max(seen, 1),
+            M.TRAIN_LR: lr,  # the head's LR at the start of the epoch
+            M.TRAINABLE_GROUPS: len(self.active_groups),
+            M.IMAGES_PER_S: seen / max(elapsed, 1e-9),
+        })
+        return out
 
     def _check_finite(self, loss_sum: torch.Tensor, step: int) -> None:
         if not torch.isfinite(loss_sum):
@@ -220,7 +255,7 @@ class FineTuneTrial:
             )
 
     @torch.no_grad()
-    def evaluate(self, split: str = "val") -> Dict[str, float]:
+    def evaluate(self, split: str = M.VAL) -> Dict[str, float]:
         """Loss, accuracy, balanced accuracy and macro-F1 (and per class, and reduced vs other
         classes, when asked or when data.class_fraction cut some classes down)."""
         self.model.eval()
@@ -228,24 +263,30 @@ class FineTuneTrial:
         confusion = torch.zeros(C, C, dtype=torch.long, device=self.device)
         loss_sum = torch.zeros((), device=self.device)
         for x, y in self.loaders[split]:
-            x, y = self._inputs(x), y.to(self.device, non_blocking=True)
-            with self._autocast():
+            x, y = self.inputs(x), y.to(self.device, non_blocking=True)
+            with self.autocast():
                 logits = self.model(x).float()
             loss_sum += F.cross_entropy(logits, y, reduction="sum")
             confusion += torch.bincount(y * C + logits.argmax(1), minlength=C * C).view(C, C)
-        return confusion_metrics(confusion.cpu(), loss_sum.item(), split, self.data.classes, self.data.reduced,
-                                 per_class=bool(self.train_cfg.get("per_class_metrics")) or bool(self.data.reduced))
+        per_class = self.phase_cfg.train.per_class_metrics or bool(self.data.reduced)
+        return M.confusion_metrics(confusion.cpu(), loss_sum.item(), split, self.data.classes, self.data.reduced,
+                                   per_class=per_class)
 
     # ------------------------------------------------------------------ checkpoints
     def save(self, directory: str) -> None:
+        """Everything a resumed trial needs to retrace an uninterrupted one: the model, the
+        optimizer, every component's and the strategy's state, every RNG."""
         torch.save(
             {
                 "model": self.model.state_dict(),
                 "optimizer": self.optimizer.state_dict(),
                 "epoch": self.epoch,
-                "torch_rng": torch.get_rng_state(),
+                "phase": self.phase_index,
+                "phase_epoch": self.phase_epoch,
+                "strategy": self.strategy.state_dict(),
+                "components": {k: c.state_dict() for k, c in self.components.items()},
+                "rng": rng_state(),
                 "loader_rng": self.generator.get_state(),
-                "unlabeled_rng": self.u_generator.get_state(),
                 "metrics": self.last_metrics,
             },
             Path(directory) / CHECKPOINT_FILE,
@@ -257,32 +298,47 @@ class FineTuneTrial:
             state = torch.load(path, map_location=self.device, weights_only=True)
         except Exception as e:
             raise RuntimeError(f"checkpoint {path} does not load ({type(e).__name__}: {e})") from e
+        if state["phase"] != self.phase_index:
+            self.enter_phase(state["phase"])
         self.model.load_state_dict(state["model"])
         self.epoch = int(state["epoch"])
-        for epoch in range(1, self.epoch + 1):  # param groups as they were, in the order they joined
+        for epoch in range(1, int(state["phase_epoch"]) + 1):  # param groups as they were, in the order they joined
             self._sync_groups(epoch)
+        self.phase_epoch = int(state["phase_epoch"])
         self.optimizer.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["torch_rng"].cpu())
+        self.strategy.load_state_dict(state["strategy"])
+        for k, c in self.components.items():
+            c.load_state_dict(state["components"][k])
+        set_rng_state(state["rng"])
         self.generator.set_state(state["loader_rng"].cpu())
-        self.u_generator.set_state(state["unlabeled_rng"].cpu())
         self.last_metrics = dict(state.get("metrics", {}))
 
     # ------------------------------------------------------------------ driver
-    def fit(self, report: Callable[[Dict[str, float], Optional[str]], None], checkpoint: bool = True) -> None:
-        """Run the remaining epochs; after each, ``report(metrics, checkpoint_dir_or_None)``.
+    @property
+    def total_epochs(self) -> int:
+        return self.config.total_epochs
 
-        The last epoch also carries the test-split metrics (``test/acc``).
+    def fit(self, report: Callable[[Dict[str, float], Optional[str]], None], checkpoint: bool = True) -> None:
+        """Run the remaining epochs of every phase; after each, ``report(metrics, checkpoint_dir_or_None)``.
+
+        The last epoch of a phase also carries the test-split metrics (``test/acc``); with
+        phases, that epoch repeats the phase's val and test metrics under ``<phase>/``.
         """
-        epochs = int(self.train_cfg["epochs"])
-        if self.epoch >= epochs and self.last_metrics:
+        if self.epoch >= self.total_epochs and self.last_metrics:
             # restored from the final checkpoint (the driver died as the trial ended): say so again
             report(self.last_metrics, None)
             return
-        while self.epoch < epochs:
-            metrics = self.train_one_epoch()
-            metrics.update(self.evaluate("val"))
-            if self.epoch == epochs:
-                metrics.update(self.evaluate("test"))
+        while self.epoch < self.total_epochs:
+            if self.phase_epoch >= self.phase_epochs(self.phase_index):
+                self.enter_phase(self.phase_index + 1)
+                continue
+            metrics = self.phase.run_epoch()
+            if self.phase_epoch == self.phase_epochs(self.phase_index):
+                metrics.update(self.phase.finish())
+                if self.phases:
+                    name = self.phases[self.phase_index].name
+                    metrics.update({f"{name}/{k}": v for k, v in list(metrics.items())
+                                    if k.startswith((M.VAL + "/", M.TEST + "/"))})
             self.last_metrics = metrics
             if not checkpoint:
                 report(metrics, None)
@@ -292,41 +348,55 @@ class FineTuneTrial:
                 report(metrics, d)
 
 
-def confusion_metrics(confusion: torch.Tensor, loss_sum: float, split: str, classes, reduced, per_class: bool):
-    """Metrics from a confusion matrix (rows: true class, columns: predicted)."""
-    seen = int(confusion.sum())
-    support = confusion.sum(1)
-    tp = confusion.diag().double()
-    recall = tp / support.clamp(min=1)
-    precision = tp / confusion.sum(0).clamp(min=1)
-    f1 = torch.where(precision + recall > 0, 2 * precision * recall / (precision + recall), torch.zeros_like(tp))
-    present = support > 0
+def rng_state() -> Dict[str, Any]:
+    """Every global RNG's state, in a form ``torch.load(weights_only=True)`` reads back."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
     out = {
-        f"{split}/loss": loss_sum / max(seen, 1),
-        f"{split}/acc": float(tp.sum()) / max(seen, 1),
-        f"{split}/balanced_acc": float(recall[present].mean()) if present.any() else 0.0,
-        f"{split}/macro_f1": float(f1[present].mean()) if present.any() else 0.0,
+        "python": random.getstate(),
+        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos, "has_gauss": has_gauss, "gauss": gauss},
+        "torch": torch.get_rng_state(),
     }
-    if per_class:
-        for c, name in enumerate(classes):
-            if present[c]:
-                out[f"{split}/acc_per_class/{name}"] = float(recall[c])
-    if reduced:
-        mask = torch.zeros(len(classes), dtype=torch.bool)
-        mask[list(reduced)] = True
-        for label, m in (("reduced", mask), ("rest", ~mask)):
-            n = int(support[m].sum())
-            if n:
-                out[f"{split}/acc_{label}"] = float(tp[m].sum()) / n
+    if torch.cuda.is_available():
+        out["cuda"] = torch.cuda.get_rng_state_all()
     return out
 
 
-def train_trial(config: dict) -> None:
-    """Ray Tune entry point: resume from the trial's last checkpoint, then report every epoch."""
+def set_rng_state(state: Dict[str, Any]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    torch.set_rng_state(state["torch"].cpu())
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+
+
+# Fault injection for the tests of retries (a test-only variable: TL_SWEEP_TEST_FAIL_ONCE=<epoch>:<dir>).
+def _test_fault(epoch: int) -> None:
+    import os
+
+    spec = os.environ.get("TL_SWEEP_TEST_FAIL_ONCE")
+    if not spec:
+        return
+    at, _, folder = spec.partition(":")
+    if int(at) != epoch:
+        return
+    marker = Path(folder) / "failed-once"
+    if marker.exists():
+        return
+    marker.touch()
+    raise RuntimeError(f"TL_SWEEP_TEST_FAIL_ONCE: this trial fails once at epoch {epoch} (a retry test)")
+
+
+def train_trial(config: dict, broker: Optional[str] = None) -> None:
+    """Ray Tune entry point: resume from the trial's last checkpoint, then report every epoch.
+    ``broker`` names the actor that holds the credentials the driver hands to its trials."""
+    import ray
     from ray import tune
 
-    import ray
+    from trainables.secrets import apply
 
+    apply(broker)
     trial = FineTuneTrial(config)
     ckpt = tune.get_checkpoint()
     if ckpt is not None:
@@ -335,7 +405,7 @@ def train_trial(config: dict) -> None:
     node = ray.get_runtime_context().get_node_id()
 
     def report(metrics: Dict[str, float], directory: Optional[str]) -> None:
-        metrics = dict(metrics, node_id=node)  # where the trial ran (a tag in MLflow)
+        metrics = dict(metrics, **{M.NODE_ID: node})  # where the trial ran (a tag in MLflow)
         tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(directory) if directory else None)
 
     trial.fit(report)

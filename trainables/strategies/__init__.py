@@ -1,5 +1,11 @@
-"""Fine-tuning strategies, one module each, all driven by the backbone's layer groups."""
+"""Fine-tuning strategies, one module each, all driven by the backbone's layer groups.
+
+A strategy is one module of this package: it registers itself with its config model
+(``@STRATEGIES.register(name, config=...)``) and is imported by this package on its own.
+"""
+from trainables.registry import import_all
 from trainables.strategies.base import STRATEGIES, Strategy
-from trainables.strategies import gradual_unfreeze, unfreeze_last  # noqa: F401  (they register themselves)
+
+import_all(__name__, __path__)
 
 __all__ = ["STRATEGIES", "Strategy"]

@@ -1,13 +1,21 @@
-"""What every strategy shares: per-group learning rates, freezing, and eval-mode for frozen parts."""
+"""What every strategy shares: per-group learning rates, freezing, eval mode for frozen parts,
+and the hooks a strategy may use to change the model or the gradients.
+
+Strategies import no torch at module level: their config models are read when a spec is
+validated, and that must stay cheap.
+"""
 from __future__ import annotations
 
-from typing import Dict, List, Sequence
+from typing import TYPE_CHECKING, Any, Dict, List, Sequence
 
-from torch import nn
-
-from trainables.models import Backbone
+from trainables.config import StrategyConfig
 from trainables.registry import Registry
 from trainables.strategies.batchnorm import apply_bn_grads, apply_bn_modes
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from trainables.models import Backbone
 
 
 class Strategy:
@@ -16,66 +24,88 @@ class Strategy:
     Group indices count along ``backbone.groups`` (stem = 0, head = last). The learning rate of a
     group at depth ``d`` below the head (head: d = 0) is ``group_lrs[d]`` when the config gives an
     explicit list, else ``lr * lr_decay ** d`` (layer-wise decay, as in ULMFiT / BEiT).
+
+    Hooks, in the order a trial calls them: ``prepare`` (once, before the optimizer exists: wrap
+    or replace modules), ``apply`` and ``set_modes`` (every epoch), ``after_backward`` and
+    ``after_step`` (every step: gradient masks), ``state_dict`` / ``load_state_dict`` (checkpoints).
     """
 
-    def __init__(self, backbone: Backbone, cfg: dict, lr: float):
+    registered_name = ""
+
+    def __init__(self, backbone: "Backbone", cfg: StrategyConfig, lr: float):
+        if not isinstance(cfg, StrategyConfig):  # a plain mapping: read it with this strategy's model
+            cfg = STRATEGIES.section(self.registered_name)(dict(cfg))
         self.backbone, self.cfg, self.base_lr = backbone, cfg, lr
         self.num_groups = len(backbone.groups)
-        lrs = cfg.get("group_lrs")
-        # Only the groups that train need a value: group_lr checks the length when asked.
-        self._explicit = list(lrs) if lrs is not None else None
 
+    # ------------------------------------------------------------------ policy
     def trainable_groups(self, epoch: int) -> List[int]:
         """Indices of the groups that train during ``epoch`` (1-based)."""
         raise NotImplementedError
 
     def group_lr(self, index: int) -> float:
         depth = self.num_groups - 1 - index
-        if self._explicit is not None:
-            if depth >= len(self._explicit):
+        explicit = self.cfg.group_lrs
+        if explicit is not None:
+            # Only the groups that train need a value: the length is checked when one is asked.
+            if depth >= len(explicit):
                 raise ValueError(
-                    f"strategy.group_lrs has {len(self._explicit)} values (head first) but group "
+                    f"strategy.group_lrs has {len(explicit)} values (head first) but group "
                     f"{self.backbone.groups[index].name!r} is {depth} below the head"
                 )
-            return float(self._explicit[depth])
-        return self.base_lr * float(self.cfg.get("lr_decay", 1.0)) ** depth
+            return float(explicit[depth])
+        return self.base_lr * self.cfg.lr_decay ** depth
 
-    @property
-    def bn_mode(self) -> str:
-        return self.cfg.get("bn", "train")
+    # ------------------------------------------------------------------ hooks
+    def prepare(self, model: "nn.Module") -> None:
+        """Once, before the optimizer is built: wrap or replace modules (adapters, masks).
+        Keep parameter names stable, or update ``self.backbone.groups``."""
 
-    def apply(self, model: nn.Module, epoch: int) -> List[int]:
+    def apply(self, model: "nn.Module", epoch: int) -> List[int]:
         """Set ``requires_grad`` for ``epoch`` and return the indices of the groups that have
         parameters in the optimizer (with ``bn: bn_only``, every group: its BN layers train)."""
         train = set(self.trainable_groups(epoch))
-        if self.bn_mode == "bn_only":
+        if self.cfg.bn == "bn_only":
             train = set(range(self.num_groups))
         named = dict(model.named_parameters())
         for i, g in enumerate(self.backbone.groups):
             for p in g.params:
                 named[p].requires_grad_(i in train)
-        apply_bn_grads(model, self.bn_mode, set(self.backbone.head.params))
+        apply_bn_grads(model, self.cfg.bn, set(self.backbone.head.params))
         return sorted(train)
 
-    def set_modes(self, model: nn.Module) -> None:
+    def set_modes(self, model: "nn.Module") -> None:
         """Train / eval mode of every module for an epoch of training."""
         model.train()
         freeze_frozen_modules(model)
-        apply_bn_modes(model, self.bn_mode)
+        apply_bn_modes(model, self.cfg.bn)
 
-    def param_groups(self, model: nn.Module, indices: Sequence[int]) -> List[Dict]:
+    def param_groups(self, model: "nn.Module", indices: Sequence[int]) -> List[Dict[str, Any]]:
         """One optimizer param group per layer group: its trainable parameters, its LR."""
         named = dict(model.named_parameters())
         out = []
         for i in indices:
             params = [named[p] for p in self.backbone.groups[i].params if named[p].requires_grad]
             if params:
-                out.append({"params": params, "lr": self.group_lr(i), "base_lr": self.group_lr(i),
-                            "name": self.backbone.groups[i].name})
+                lr = self.group_lr(i)
+                out.append({"params": params, "lr": lr, "base_lr": lr, "name": self.backbone.groups[i].name})
         return out
 
+    def after_backward(self, model: "nn.Module") -> None:
+        """After ``loss.backward()``, before the optimizer steps (e.g. mask gradients)."""
 
-def freeze_frozen_modules(model: nn.Module) -> None:
+    def after_step(self, model: "nn.Module") -> None:
+        """After ``optimizer.step()`` (e.g. restore weights the optimizer must not move)."""
+
+    def state_dict(self) -> Dict[str, Any]:
+        """What a checkpoint must carry beyond the model and the optimizer (e.g. masks)."""
+        return {}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        pass
+
+
+def freeze_frozen_modules(model: "nn.Module") -> None:
     """Put every module whose parameters are all frozen in eval mode.
 
     A frozen group is a fixed feature extractor: its batch-norm keeps the pretrained running
@@ -87,4 +117,4 @@ def freeze_frozen_modules(model: nn.Module) -> None:
             m.eval()
 
 
-STRATEGIES: Registry[type] = Registry("strategy")
+STRATEGIES: Registry[type] = Registry("strategy", config_base=StrategyConfig)

@@ -8,25 +8,25 @@
   including in frozen groups; no BN affine parameter trains.
 - ``bn_only``: only the BN affine parameters (every group), their running statistics and the
   head train; every other parameter is frozen, whatever the strategy says.
+
+The modes themselves are ``trainables.config.BnMode``.
 """
 from __future__ import annotations
 
-from typing import Iterator, Tuple
+from typing import TYPE_CHECKING, Iterator, Tuple
 
-from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
-
-BN_MODES = ("train", "frozen", "stats_only", "bn_only")
+if TYPE_CHECKING:
+    from torch import nn
 
 
-def bn_layers(model: nn.Module) -> Iterator[Tuple[str, nn.Module]]:
+def bn_layers(model: "nn.Module") -> Iterator[Tuple[str, "nn.Module"]]:
+    from torch.nn.modules.batchnorm import _BatchNorm
+
     return ((n, m) for n, m in model.named_modules() if isinstance(m, _BatchNorm))
 
 
-def apply_bn_grads(model: nn.Module, mode: str, head_params: set) -> None:
+def apply_bn_grads(model: "nn.Module", mode: str, head_params: set) -> None:
     """Set ``requires_grad`` for the mode (after the strategy set it per group)."""
-    if mode not in BN_MODES:
-        raise ValueError(f"strategy.bn must be one of {', '.join(BN_MODES)}, got {mode!r}")
     if mode == "bn_only":
         bn_params = {id(p) for _, m in bn_layers(model) for p in m.parameters()}
         for name, p in model.named_parameters():
@@ -37,7 +37,7 @@ def apply_bn_grads(model: nn.Module, mode: str, head_params: set) -> None:
                 p.requires_grad_(False)
 
 
-def apply_bn_modes(model: nn.Module, mode: str) -> None:
+def apply_bn_modes(model: "nn.Module", mode: str) -> None:
     """Set BN layers' train / eval mode; call after ``model.train()`` and the freezing of
     frozen modules (which leaves BN in frozen groups in eval mode: the ``train`` mode)."""
     if mode == "frozen":

@@ -1,18 +1,26 @@
 """Strategy 1: fine-tune the head and the last ``l`` layer groups at once (l = 0: linear probe)."""
 from __future__ import annotations
 
-from typing import List
+from typing import List, Literal
 
+from pydantic import Field
+
+from trainables.config import StrategyConfig
 from trainables.strategies.base import STRATEGIES, Strategy
 
 
-@STRATEGIES.register("unfreeze_last")
+class UnfreezeLastConfig(StrategyConfig):
+    name: Literal["unfreeze_last"] = "unfreeze_last"
+    unfreeze_last: int = Field(0, ge=0)  # layer groups below the head that train (0 = linear probe)
+
+
+@STRATEGIES.register("unfreeze_last", config=UnfreezeLastConfig)
 class UnfreezeLast(Strategy):
-    def __init__(self, backbone, cfg, lr):
+    def __init__(self, backbone, cfg: UnfreezeLastConfig, lr: float):
         super().__init__(backbone, cfg, lr)
         body = len(backbone.body)
-        self.last = int(cfg.get("unfreeze_last", 0))
-        if self.last < 0 or self.last > body:
+        self.last = self.cfg.unfreeze_last
+        if self.last > body:
             names = ", ".join(g.name for g in backbone.body)
             raise ValueError(
                 f"strategy.unfreeze_last={self.last}, but this backbone has {body} layer groups "

@@ -1,0 +1,142 @@
+"""The Ray Tune side of a search: the searcher (one Optuna study for every algorithm) and the
+scheduler (ASHA, whose rungs survive a driver restart)."""
+from __future__ import annotations
+
+import pickle
+from typing import Any, Dict, Optional
+
+from orchestrator.space import DefineByRun, encoded, grid_points, max_t, optuna_name
+from orchestrator.spec import Distribution, Spec, get_path, set_path
+from trainables import metrics as M
+from trainables.config import done, merge
+
+TRIAL_INDEX = "trial_index"
+
+
+def _optuna_search():
+    from ray.tune.search.optuna import OptunaSearch
+
+    return OptunaSearch
+
+
+class TrialSearch(_optuna_search()):
+    """OptunaSearch that (1) gives each trial its index in the study (``trial_index``, from
+    which the trial's seed derives), (2) decodes values that Optuna holds by index, and (3)
+    records a trial that the scheduler stopped before its last epoch as PRUNED, not COMPLETE."""
+
+    def __init__(self, spec_space: Dict[str, Distribution], fixed: Dict[str, Any], **kwargs):
+        super().__init__(space=DefineByRun(spec_space), **kwargs)
+        self._decode = {k: list(d.args) for k, d in spec_space.items() if encoded(d)}
+        self._fixed = fixed  # the trial config's fixed part: what ``done`` needs to know a trial's epochs
+        self._configs: Dict[str, Dict[str, Any]] = {}
+        self._last_epoch: Dict[str, int] = {}
+
+    def suggest(self, trial_id: str):
+        config = super().suggest(trial_id)
+        if not isinstance(config, dict):
+            return config  # FINISHED, or None (wait)
+        for key, values in self._decode.items():
+            set_path(config, key, values[int(get_path(config, key))])
+        config[TRIAL_INDEX] = self._ot_trials[trial_id].number
+        self._configs[trial_id] = config
+        return config
+
+    def on_trial_result(self, trial_id: str, result: Dict) -> None:
+        super().on_trial_result(trial_id, result)
+        if M.EPOCH in result:
+            self._last_epoch[trial_id] = int(result[M.EPOCH])
+
+    def on_trial_complete(self, trial_id: str, result: Optional[Dict] = None, error: bool = False) -> None:
+        if not error and result and trial_id in self._configs:
+            config = merge(self._fixed, self._configs[trial_id])
+            epoch = int(result.get(M.EPOCH, self._last_epoch.get(trial_id, 0)))
+            if not done(config, epoch):
+                ot_trial = self._ot_trials.get(trial_id)
+                value = result.get(self._metric) if isinstance(self._metric, str) else None
+                if ot_trial is not None and value is not None and self._last_epoch.get(trial_id) != epoch:
+                    ot_trial.report(value, epoch)  # the result that stopped it never reached the study
+                super().on_trial_complete(trial_id, result=None, error=False)  # -> PRUNED
+                return
+        super().on_trial_complete(trial_id, result=result, error=error)
+
+
+def search_algorithm(spec: Spec):
+    """One Optuna study for every algorithm: TPE (optuna) or random sampling, enumerated values
+    enqueued ``num_samples`` times each."""
+    import optuna
+
+    s = spec.search
+    sampler = (optuna.samplers.TPESampler(seed=s.seed) if s.algorithm == "optuna"
+               else optuna.samplers.RandomSampler(seed=s.seed))
+    encode = {k: list(d.args) for k, d in s.space.items() if encoded(d)}
+    points = []
+    for p in grid_points(spec):
+        points.append({optuna_name(k): (encode[k].index(v) if k in encode else v) for k, v in p.items()})
+    points = [p for p in points if p] * s.num_samples
+    return TrialSearch(s.space, spec.trial_config(), metric=s.metric, mode=s.mode, sampler=sampler,
+                       points_to_evaluate=points or None)
+
+
+def trial_scheduler(spec: Spec, store=None):
+    """FIFO, or ASHA on epochs; with ``store`` (a SweepStore) ASHA's rungs survive a driver restart."""
+    from ray.tune.schedulers import FIFOScheduler
+
+    sch = spec.search.scheduler
+    if sch.type == "fifo":
+        return FIFOScheduler()
+    return ResumableASHA(
+        store=store,
+        time_attr=M.EPOCH,
+        max_t=max_t(spec),
+        grace_period=sch.grace_period,
+        reduction_factor=sch.reduction_factor,
+    )
+
+
+def _asha_base():
+    from ray.tune.schedulers import ASHAScheduler
+
+    return ASHAScheduler
+
+
+STATE_FILE = "scheduler.pkl"
+# What a driver restart must not lose: every trial's metric at each rung, and the bookkeeping
+# that goes with them. Metric and mode are not kept: Tune sets them again on restore.
+_KEPT = ("_trial_info", "_brackets", "_counter", "_num_stopped")
+
+
+class ResumableASHA(_asha_base()):
+    """ASHA whose rungs are written to the sweep's storage after each decision and read back
+    when the sweep resumes (``load_state``): Tune restores the searcher's state but not the
+    scheduler's, so without this a resumed sweep would judge its trials against empty rungs."""
+
+    def __init__(self, store=None, **kwargs):
+        super().__init__(**kwargs)
+        self._store = store
+
+    def _persist(self) -> None:
+        if self._store is not None:
+            self._store.write_bytes(STATE_FILE, pickle.dumps({k: getattr(self, k) for k in _KEPT}))
+
+    def load_state(self) -> bool:
+        """Read the rungs back from the sweep's storage; False when none were written."""
+        if self._store is None or not self._store.exists(STATE_FILE):
+            return False
+        # written by this sweep's own driver into its own storage
+        self.__dict__.update(pickle.loads(self._store.read_bytes(STATE_FILE)))
+        return True
+
+    def on_trial_result(self, tune_controller, trial, result):
+        decision = super().on_trial_result(tune_controller, trial, result)
+        self._persist()
+        return decision
+
+    def on_trial_complete(self, tune_controller, trial, result):
+        super().on_trial_complete(tune_controller, trial, result)
+        self._persist()
+
+    def on_trial_remove(self, tune_controller, trial):
+        super().on_trial_remove(tune_controller, trial)
+        self._persist()
+
+

@@ -1,0 +1,352 @@
+"""What one trial reads, defined once, with its defaults: the trial config.
+
+The orchestrator's spec embeds these sections (``TrialSections``) instead of restating them, and
+a trial receives ``TrialConfig.model_dump()`` as a plain dict and reads it back with
+``TrialConfig.model_validate``. Sections keyed by a component's name (``data``, ``strategy``,
+``semi``, ``losses``, ``phases``) are validated by the config model that component registered,
+so a new strategy or data set brings its own fields. Nothing here imports torch.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Annotated, Any, Dict, List, Literal, Optional
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, SerializeAsAny, field_validator, model_validator
+
+from trainables import metrics as M
+
+
+class Section(BaseModel):
+    """A config section: unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+def registry(kind: str):
+    """The registry of a kind of component, imported when first needed (they import this module)."""
+    if kind == "dataset":
+        from trainables.data.sets import DATASETS as r
+    elif kind == "strategy":
+        from trainables.strategies import STRATEGIES as r
+    elif kind == "optimizer":
+        from trainables.optim import OPTIMIZERS as r
+    elif kind == "scheduler":
+        from trainables.schedules import SCHEDULES as r
+    elif kind == "semi":
+        from trainables.losses import SEMI as r
+    elif kind == "loss":
+        from trainables.losses import LOSSES as r
+    elif kind == "phase":
+        from trainables.phases import PHASES as r
+    else:
+        raise KeyError(kind)
+    return r
+
+
+def _by_name(kind: str, default: str):
+    """A before-validator that validates a section with the model its ``name`` picks."""
+    return BeforeValidator(lambda v: registry(kind).section(default)(v))
+
+
+def _default(kind: str, name: str):
+    return lambda: registry(kind).config(name).model_validate({"name": name})
+
+
+# --------------------------------------------------------------------------- data
+
+
+class DataConfig(Section):
+    """Fields every data set takes; a data set adds its own (``root``, ``target``, ...)."""
+
+    name: str = "digits"
+    image_size: int = Field(224, ge=16, le=1024)  # square input size (shorter side resized, centre crop)
+    val_fraction: float = Field(0.15, gt=0, lt=1)  # carved when the data set has no such split
+    test_fraction: float = Field(0.15, gt=0, lt=1)
+    label_fraction: float = Field(1.0, gt=0, le=1)  # stratified, nested subset of the training split
+    max_images: Optional[int] = Field(None, ge=2)  # cap each source split (stratified), for quick runs
+    # imbalance: keep this fraction of the training images of a class, a group of classes
+    # (Pets: cat, dog) or every class ("*"), e.g. {cat: 0.2}
+    class_fraction: Optional[Dict[str, float]] = None
+    seed: int = 0  # fixes the splits
+    num_workers: Optional[int] = Field(None, ge=0)  # DataLoader workers; default: the trial's CPUs - 1
+
+    @model_validator(mode="after")
+    def _leaves_training_images(self) -> "DataConfig":
+        if self.val_fraction + self.test_fraction >= 1:
+            raise ValueError("data.val_fraction + data.test_fraction must leave images to train on (sum < 1)")
+        return self
+
+
+class DiskDataConfig(DataConfig):
+    """A data set read from files under ``root``."""
+
+    root: Optional[str] = None  # default: $TL_SWEEP_DATA, else ~/data
+    download: bool = False  # fetch it with torchvision's verified downloader
+
+
+# --------------------------------------------------------------------------- model, strategy
+
+
+class ModelConfig(Section):
+    name: str = "resnet18"  # a torchvision classification model, or timm:<name>
+    weights: str = "imagenet"  # imagenet | none | a state-dict file
+
+    @field_validator("name")
+    @classmethod
+    def _form(cls, v: str) -> str:
+        # Whether torchvision / timm has the model is checked where trials run (trainables.check).
+        body = v[5:] if v.startswith("timm:") else v
+        if not body or not all(c.isalnum() or c in "_.-" for c in body):
+            raise ValueError(f"{v!r} is not a model name: a torchvision name (resnet50) or timm:<name>")
+        return v
+
+
+BnMode = Literal["train", "frozen", "stats_only", "bn_only"]
+ClassWeighting = Literal["none", "inverse", "effective"]
+
+
+class StrategyConfig(Section):
+    """Fields every fine-tuning strategy takes; a strategy adds its own."""
+
+    name: str = "unfreeze_last"
+    bn: BnMode = "train"  # batch-norm mode (trainables/strategies/batchnorm.py)
+    lr_decay: float = Field(1.0, gt=0, le=1)  # LR factor per layer group below the head
+    group_lrs: Optional[List[float]] = None  # explicit LRs, head first, then down towards the stem
+
+    @field_validator("group_lrs")
+    @classmethod
+    def _positive(cls, v):
+        if v is not None and (not v or any(x <= 0 for x in v)):
+            raise ValueError("group_lrs needs one or more learning rates > 0, head first")
+        return v
+
+
+# --------------------------------------------------------------------------- training
+
+
+class TrainConfig(Section):
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(32, ge=1)
+    eval_batch_size: Optional[int] = Field(None, ge=1)  # default: 2 x batch_size
+    lr: float = Field(1e-3, gt=0)  # the head's LR
+    optimizer: str = "adamw"
+    momentum: float = Field(0.9, ge=0, lt=1)  # sgd
+    nesterov: bool = True  # sgd
+    weight_decay: float = Field(0.0, ge=0)  # L2 for adam / sgd, decoupled for adamw
+    scheduler: str = "cosine"
+    step_size: int = Field(1, ge=1)  # step
+    gamma: float = Field(0.1, gt=0, le=1)  # step
+    onecycle_pct: float = Field(0.3, gt=0, lt=1)  # onecycle
+    warmup_epochs: float = Field(0, ge=0)  # linear warm-up of every group, any scheduler
+    new_group_warmup: float = Field(0, ge=0)  # warm-up of a group that unfreezes mid-run
+    schedule_scope: Literal["shared", "per_group"] = "shared"
+    seed: int = 0  # init and shuffling; a sweep gives each trial train.seed + its index
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    amp: bool = True  # bf16 autocast on CUDA; ignored on CPU
+    channels_last: bool = True  # on CUDA only
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    class_weighting: ClassWeighting = "none"
+    effective_beta: float = Field(0.999, gt=0, lt=1)
+    sampler: Literal["uniform", "oversample"] = "uniform"
+    per_class_metrics: bool = False
+    # For testing fault tolerance: the trial raises at the start of this epoch.
+    fail_at_epoch: Optional[int] = Field(None, ge=1)
+
+    @field_validator("optimizer")
+    @classmethod
+    def _known_optimizer(cls, v: str) -> str:
+        return registry("optimizer").check(v)
+
+    @field_validator("scheduler")
+    @classmethod
+    def _known_scheduler(cls, v: str) -> str:
+        return registry("scheduler").check(v)
+
+    @model_validator(mode="after")
+    def _warmup_has_a_length(self) -> "TrainConfig":
+        if self.scheduler == "warmup" and self.warmup_epochs <= 0:
+            raise ValueError("train.scheduler 'warmup' needs train.warmup_epochs > 0 (the length of the ramp)")
+        return self
+
+
+class AugmentConfig(Section):
+    """Training-time augmentation: per image (torchvision.transforms.v2), then per batch."""
+
+    hflip: bool = False
+    rotation: float = Field(0.0, ge=0, le=180)  # degrees, +-
+    scale_jitter: float = Field(0.0, ge=0, lt=1)  # zoom in/out by up to this factor
+    crop_scale_min: float = Field(1.0, gt=0, le=1)  # random resized crop's smallest area; 1 = off
+    trivial_augment: bool = False
+    random_erasing: float = Field(0.0, ge=0, le=1)  # probability
+    cutmix_alpha: float = Field(0.0, ge=0)  # CutMix / MixUp per batch: soft targets
+    mixup_alpha: float = Field(0.0, ge=0)
+    mix_prob: float = Field(1.0, ge=0, le=1)
+
+
+class SemiConfig(Section):
+    """Semi-supervised use of the training images that data.label_fraction leaves unlabelled."""
+
+    method: str = "none"  # none, or a registered semi-supervised loss (pseudo_label, fixmatch)
+    threshold: float = Field(0.95, ge=0, le=1)  # confidence a pseudo label needs
+    unlabeled_weight: float = Field(1.0, ge=0)  # lambda_u
+    unlabeled_ratio: float = Field(1.0, gt=0)  # mu: unlabelled images per labelled one in a step
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, v: str) -> str:
+        return v if v == "none" else registry("semi").check(v)
+
+
+class LossConfig(Section):
+    """An extra loss summed into the training step with its weight; an entry adds its own fields."""
+
+    name: str
+    weight: float = Field(1.0, ge=0)
+
+
+def _losses(value: Any) -> Any:
+    """``losses: {<registered loss>: {its fields}}``: each entry validated by its own model,
+    every problem reported with its key path."""
+    from pydantic import ValidationError
+
+    if not isinstance(value, dict):
+        return value
+    reg = registry("loss")
+    out, errors = {}, []
+    for k, v in value.items():
+        if not isinstance(v, (dict, type(None), LossConfig)):
+            out[k] = v  # the field's type reports it
+            continue
+        try:
+            out[k] = v if isinstance(v, LossConfig) else reg.section(k)({**(v or {}), "name": k})
+        except ValidationError as e:
+            errors += [{"type": err["type"], "loc": (k, *err["loc"]), "input": err.get("input"),
+                        **({"ctx": err["ctx"]} if "ctx" in err else {})} for err in e.errors()]
+    if errors:
+        raise ValidationError.from_exception_data("losses", errors)
+    return out
+
+
+class PhaseConfig(Section):
+    """One phase of a trial. Its sections override the trial's (deep-merged); its metrics are
+    also logged under ``<name>/`` when the phase ends."""
+
+    name: str = Field(pattern=r"^[A-Za-z][A-Za-z0-9_]*$")
+    kind: str = "train"
+    epochs: Optional[int] = Field(None, ge=0)  # default: the phase's train.epochs
+    data: Optional[Dict[str, Any]] = None
+    strategy: Optional[Dict[str, Any]] = None
+    train: Optional[Dict[str, Any]] = None
+    augment: Optional[Dict[str, Any]] = None
+    semi: Optional[Dict[str, Any]] = None
+    losses: Optional[Dict[str, Any]] = None
+
+
+def _phase(value: Any) -> Any:
+    if not isinstance(value, dict):
+        return value
+    kind = value.get("kind", "train")
+    if not isinstance(kind, str):
+        return value
+    return registry("phase").config(kind).model_validate({**value, "kind": kind})
+
+
+class TrialResources(Section):
+    cpu: float = Field(1, gt=0)  # per trial: torch threads and DataLoader workers follow it
+    gpu: float = Field(0, ge=0)  # fractional: several trials share a GPU
+
+
+# --------------------------------------------------------------------------- the trial
+
+
+class TrialSections(Section):
+    """The sections of a spec that make up a trial (what a search may vary)."""
+
+    data: Annotated[SerializeAsAny[DataConfig], _by_name("dataset", "digits")] = Field(
+        default_factory=_default("dataset", "digits"))
+    model: ModelConfig = ModelConfig()
+    strategy: Annotated[SerializeAsAny[StrategyConfig], _by_name("strategy", "unfreeze_last")] = Field(
+        default_factory=_default("strategy", "unfreeze_last"))
+    train: TrainConfig = TrainConfig()
+    augment: AugmentConfig = AugmentConfig()
+    semi: SemiConfig = SemiConfig()
+    losses: Annotated[Dict[str, SerializeAsAny[LossConfig]], BeforeValidator(_losses)] = {}
+    phases: List[Annotated[SerializeAsAny[PhaseConfig], BeforeValidator(_phase)]] = []
+
+    @model_validator(mode="after")
+    def _phases_merge(self) -> "TrialSections":
+        names = [p.name for p in self.phases]
+        if len(set(names)) != len(names):
+            raise ValueError(f"phases: names must differ, got {names}")
+        for i, _ in enumerate(self.phases):
+            self.phase_sections(i)  # each phase's merged sections validate
+        return self
+
+    def phase_sections(self, index: int) -> "TrialSections":
+        """The sections as phase ``index`` sees them: the trial's, with the phase's on top."""
+        phase = self.phases[index]
+        base = self.model_dump(include=set(TrialSections.model_fields) - {"phases"})
+        for section in PHASE_SECTIONS:
+            override = getattr(phase, section)
+            if not override:
+                continue
+            if section in ("data", "strategy") and override.get("name", base[section]["name"]) != base[section]["name"]:
+                base[section] = copy.deepcopy(override)  # another component: none of the trial's fields apply
+            else:
+                base[section] = merge(base[section], override)
+        from pydantic import ValidationError
+
+        try:
+            return TrialSections.model_validate(base)
+        except ValidationError as e:  # re-raised with the phase's key path
+            said = "; ".join(f"{'.'.join(str(x) for x in err['loc'] if not str(x).startswith('function-'))}: "
+                             f"{err['msg'].removeprefix('Value error, ')}" for err in e.errors())
+            raise ValueError(f"phases.{index} ({phase.name}): {said}") from None
+
+    def phase_epochs(self, index: int) -> int:
+        phase = self.phases[index]
+        return phase.epochs if phase.epochs is not None else self.phase_sections(index).train.epochs
+
+    @property
+    def total_epochs(self) -> int:
+        """Epochs the whole trial runs: ``train.epochs``, or the sum over its phases."""
+        if not self.phases:
+            return self.train.epochs
+        return sum(self.phase_epochs(i) for i in range(len(self.phases)))
+
+
+PHASE_SECTIONS = ("data", "strategy", "train", "augment", "semi", "losses")
+SECTIONS = tuple(TrialSections.model_fields)  # the spec's trial sections, in order
+
+
+class TrialConfig(TrialSections):
+    """A trial's whole config: its sections plus what the sweep decides for it."""
+
+    metric: str = M.VAL_ACC  # the sweep's metric (what ASHA / Optuna optimise)
+    mode: Literal["max", "min"] = "max"
+    resources: TrialResources = TrialResources()
+    trial_index: int = Field(0, ge=0)  # the trial's place in the sweep (its seed is train.seed + this)
+
+    @property
+    def seed(self) -> int:
+        """The trial's seed: ``train.seed`` plus its index in the sweep (replicates differ)."""
+        return self.train.seed + self.trial_index
+
+    @classmethod
+    def parse(cls, config: Any) -> "TrialConfig":
+        return config if isinstance(config, cls) else cls.model_validate(config)
+
+
+def merge(base: Any, override: Any) -> Any:
+    """Deep-merge mappings; anything else is replaced."""
+    if isinstance(base, dict) and isinstance(override, dict):
+        out = copy.deepcopy(base)
+        for k, v in override.items():
+            out[k] = merge(out.get(k), v) if k in out else v
+        return out
+    return copy.deepcopy(override)
+
+
+def done(config: Any, epochs_run: int) -> bool:
+    """Whether a trial that ran ``epochs_run`` epochs ran to its end (else it was stopped early)."""
+    return epochs_run >= TrialConfig.parse(config).total_epochs

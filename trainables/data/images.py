@@ -1,0 +1,93 @@
+"""Image sets: indexable uint8 CHW images at ``image_size`` (square) plus integer targets.
+
+Normalisation with the backbone's own mean/std happens on the device, per batch, in the loop.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from trainables.data.sets import DataError
+
+
+class ImageSet(Dataset):
+    """Indexable images + integer targets; ``subset`` keeps a view by index."""
+
+    targets: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def subset(self, indices: Sequence[int]) -> "ImageSet":
+        return Subset(self, np.asarray(indices, dtype=np.int64))
+
+
+class Subset(ImageSet):
+    def __init__(self, base: ImageSet, indices: np.ndarray):
+        self.base, self.indices = base, indices
+        self.targets = base.targets[indices]
+
+    def __getitem__(self, i: int):
+        return self.base[int(self.indices[i])]
+
+    def subset(self, indices: Sequence[int]) -> "ImageSet":
+        # Compose onto the source, so ``indices`` always count in the original data set.
+        return Subset(self.base, self.indices[np.asarray(indices, dtype=np.int64)])
+
+
+def square_resize(img: torch.Tensor, size: int) -> torch.Tensor:
+    """Resize the shorter side to ``size`` and centre-crop to ``size`` x ``size`` (uint8 CHW)."""
+    from torchvision.transforms.v2 import functional as F
+
+    if img.shape[-2:] != (size, size):
+        img = F.resize(img, [size], antialias=True)
+        img = F.center_crop(img, [size, size])
+    return img
+
+
+# In-memory sets whose resized copy fits in this many bytes are resized once, not every epoch.
+RESIZE_CACHE_BYTES = 512 * 2**20
+
+
+class TensorImageSet(ImageSet):
+    """In-memory images (N, C, H, W) uint8; resized once when small enough, else per item."""
+
+    def __init__(self, images, targets: np.ndarray, image_size: int):
+        images = torch.as_tensor(images)
+        if images.shape[1] == 1:
+            images = images.expand(-1, 3, -1, -1)
+        self.images, self.targets, self.image_size = images, np.asarray(targets), image_size
+        self._resized: Optional[torch.Tensor] = None
+        if images.shape[-2:] != (image_size, image_size) and len(images) * 3 * image_size**2 <= RESIZE_CACHE_BYTES:
+            self._resized = torch.stack([square_resize(im, image_size) for im in images])
+
+    def __getitem__(self, i: int):
+        if self._resized is not None:
+            return self._resized[i], int(self.targets[i])
+        return square_resize(self.images[i], self.image_size), int(self.targets[i])
+
+
+class FileImageSet(ImageSet):
+    """Images on disk, decoded with PIL; an unreadable file raises naming the file."""
+
+    def __init__(self, paths: Sequence[Path], targets: Sequence[int], image_size: int):
+        self.paths, self.targets, self.image_size = list(paths), np.asarray(targets), image_size
+
+    def __getitem__(self, i: int):
+        from PIL import Image
+        from torchvision.transforms.v2 import functional as F
+
+        path = self.paths[i]
+        try:
+            with Image.open(path) as im:
+                img = F.pil_to_tensor(im.convert("RGB"))
+        except Exception as e:  # PIL raises several types for truncated / non-image files
+            raise DataError(
+                f"cannot read image {path}: {type(e).__name__}: {e}. "
+                "Remove or replace the file and run again."
+            ) from e
+        return square_resize(img, self.image_size), int(self.targets[i])

@@ -1,0 +1,74 @@
+"""Metric names, once, and the metrics computed from a confusion matrix.
+
+Keys are namespaced ``<split>/<name>`` (``train/loss``, ``val/acc``) and the same key is used by
+Ray Tune, ASHA / Optuna and MLflow. The step of every metric is the epoch (``EPOCH``).
+"""
+from __future__ import annotations
+
+from typing import Dict, Sequence
+
+TRAIN, VAL, TEST = "train", "val", "test"
+LOSS, ACC, BALANCED_ACC, MACRO_F1 = "loss", "acc", "balanced_acc", "macro_f1"
+SPLIT_METRICS = (LOSS, ACC, BALANCED_ACC, MACRO_F1)  # what evaluate() gives for a split
+
+EPOCH = "epoch"  # the trial's epoch counter: ASHA's time attribute and MLflow's step
+IMAGES_PER_S = "images_per_s"
+TRAIN_LR = "train/lr"
+TRAINABLE_GROUPS = "train/trainable_groups"
+NODE_ID = "node_id"  # where a trial ran (an MLflow tag, not a metric)
+
+
+def key(split: str, name: str) -> str:
+    return f"{split}/{name}"
+
+
+TRAIN_LOSS, TRAIN_ACC = key(TRAIN, LOSS), key(TRAIN, ACC)
+VAL_LOSS, VAL_ACC = key(VAL, LOSS), key(VAL, ACC)
+TEST_ACC = key(TEST, ACC)
+
+# Reported every epoch, so they may drive ASHA and Optuna; a loss is minimised, the rest maximised.
+EPOCH_METRICS = (VAL_ACC, VAL_LOSS, key(VAL, BALANCED_ACC), key(VAL, MACRO_F1), TRAIN_ACC, TRAIN_LOSS)
+
+
+def natural_mode(metric: str) -> str:
+    """'min' for a loss, 'max' for everything else."""
+    return "min" if metric.rsplit("/", 1)[-1].endswith(LOSS) else "max"
+
+
+def is_trial_metric(name: str) -> bool:
+    """The trainable's own metrics (namespaced keys, the epoch, throughput), not Ray's bookkeeping."""
+    return "/" in name or name in (EPOCH, IMAGES_PER_S)
+
+
+def confusion_metrics(confusion, loss_sum: float, split: str, classes: Sequence[str], reduced: Sequence[int],
+                      per_class: bool) -> Dict[str, float]:
+    """Metrics from a confusion matrix (a torch tensor; rows: true class, columns: predicted):
+    loss, accuracy, balanced accuracy, macro-F1, optionally per class, and accuracy on the classes
+    ``reduced`` (cut down by data.class_fraction) against the rest."""
+    import torch
+
+    seen = int(confusion.sum())
+    support = confusion.sum(1)
+    tp = confusion.diag().double()
+    recall = tp / support.clamp(min=1)
+    precision = tp / confusion.sum(0).clamp(min=1)
+    f1 = torch.where(precision + recall > 0, 2 * precision * recall / (precision + recall), torch.zeros_like(tp))
+    present = support > 0
+    out = {
+        key(split, LOSS): loss_sum / max(seen, 1),
+        key(split, ACC): float(tp.sum()) / max(seen, 1),
+        key(split, BALANCED_ACC): float(recall[present].mean()) if present.any() else 0.0,
+        key(split, MACRO_F1): float(f1[present].mean()) if present.any() else 0.0,
+    }
+    if per_class:
+        for c, name in enumerate(classes):
+            if present[c]:
+                out[f"{split}/acc_per_class/{name}"] = float(recall[c])
+    if reduced:
+        mask = torch.zeros(len(classes), dtype=torch.bool)
+        mask[list(reduced)] = True
+        for label, m in (("reduced", mask), ("rest", ~mask)):
+            n = int(support[m].sum())
+            if n:
+                out[f"{split}/acc_{label}"] = float(tp[m].sum()) / n
+    return out
