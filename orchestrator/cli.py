@@ -98,17 +98,25 @@ def run(spec_file: str, overrides: List[str], address: Optional[str], tracking_u
       tl-sweep run search_spaces/strategy1.yaml --set train.epochs=2 --set search.num_samples=2
       tl-sweep run best.yaml
     """
+    from orchestrator.jobs import is_jobs_address
+
+    if is_jobs_address(address or os.environ.get("RAY_ADDRESS")):
+        _fail_input(f"--address {address or os.environ.get('RAY_ADDRESS')} is a Ray Jobs address: run the sweep's driver "
+                    f"on the cluster with tl-sweep submit {spec_file} --address ...")
+    _run_all(_load(spec_file, overrides), address, tracking_uri)
+
+
+def _run_all(loaded, address: Optional[str], tracking_uri: Optional[str], sweep_id: Optional[str] = None) -> None:
     from orchestrator.sweep import run_sweep
     from orchestrator.sweepdir import InputError
 
-    loaded = _load(spec_file, overrides)
     console = Console()
     failed = False
     for spec, raw, notes in loaded:
         for n in notes:
             console.print(f"note: {n}", markup=False)
         try:
-            out = run_sweep(spec, raw, address=address, tracking_uri=tracking_uri, console=console)
+            out = run_sweep(spec, raw, address=address, tracking_uri=tracking_uri, console=console, sweep_id=sweep_id)
         except InputError as e:
             _fail_input(str(e))
         failed |= _summary(console, out)
@@ -163,6 +171,15 @@ def resume(sweep: str, storage: str, address: Optional[str]) -> None:
     Example:
       tl-sweep resume quickstart-20261123-084006-0ee0
     """
+    from orchestrator.jobs import is_jobs_address
+
+    if is_jobs_address(address):
+        _submit_resume(sweep, storage, address)
+        return
+    _resume(sweep, storage, address)
+
+
+def _resume(sweep: str, storage: str, address: Optional[str]) -> None:
     from orchestrator.spec import SpecError
     from orchestrator.sweep import resume_sweep
     from orchestrator.sweepdir import InputError, find_sweep
@@ -177,6 +194,229 @@ def resume(sweep: str, storage: str, address: Optional[str]) -> None:
         _fail_input(str(e))
     failed = _summary(Console(), out)
     sys.exit(130 if out.status == "interrupted" else 1 if failed else 0)
+
+
+def _submit_resume(sweep: str, storage: str, address: str) -> None:
+    from orchestrator import jobs
+    from orchestrator.live import Printer
+    from orchestrator.sweepdir import InputError, find_sweep, is_uri
+
+    if not is_uri(storage):
+        _fail_input(f"--storage {storage}: a sweep resumed on a cluster is read from its storage.uri (s3://... or a "
+                    "folder every node sees), e.g. --storage s3://bucket/sweeps")
+    try:
+        found = find_sweep(sweep, storage)
+        if found.meta.get("status") == "finished":
+            raise InputError(f"sweep {found.id} has finished: nothing to resume (see tl-sweep show {found.id})")
+        resumes = found.meta.get("resumed", 0) + 1
+        job = jobs.submit(address, ["job-resume", found.id, "--storage", storage], f"{found.id}-resume{resumes}",
+                          ".", {"sweep": found.id, "name": found.meta["name"]})
+    except InputError as e:
+        _fail_input(str(e))
+    printer = Printer(Console())
+    printer.line(f"submitted job {job} to {address}: resumes sweep {found.id}")
+    code = jobs.watch_start(address, job, printer)
+    if code:
+        sys.exit(code)
+    printer.line(f"follow it: tl-sweep status {found.id} --address {address}; tl-sweep logs {found.id} --address "
+                 f"{address} --follow; results: tl-sweep show {found.id} --storage {storage}")
+
+
+@cli.command()
+@click.argument("spec_file", type=click.Path(dir_okay=False))
+@click.option("--address", required=True, metavar="URL", help="The cluster's Ray Jobs API (its dashboard): http://head:8265.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override a field, e.g. --set train.epochs=2 (repeatable; the value is YAML).")
+@click.option("--tracking-uri", default=None, metavar="URI",
+              help="The MLflow server the cluster logs to (default: $MLFLOW_TRACKING_URI, else tracking.uri).")
+@click.option("--working-dir", default=".", show_default=True, type=click.Path(file_okay=False, exists=True),
+              help="Uploaded for the job (Ray's runtime environment; .gitignore is respected).")
+def submit(spec_file: str, address: str, overrides: List[str], tracking_uri: Optional[str], working_dir: str) -> None:
+    """Run the sweep in SPEC_FILE on a Ray cluster, its driver there: submit it as a Ray Job.
+
+    The spec is validated here; the working directory is uploaded; MLflow and object-store
+    credentials in this environment (MLFLOW_TRACKING_USERNAME / _PASSWORD / _TOKEN, AWS_*) are
+    handed to the job in memory, never written to disk. The sweep's state goes to its
+    storage.uri, from which it resumes after anything (tl-sweep resume SWEEP --storage URI
+    --address URL). Returns once the sweep has started (or failed to).
+
+    \b
+    Example:
+      export RAY_AUTH_MODE=token RAY_AUTH_TOKEN=... MLFLOW_TRACKING_USERNAME=... MLFLOW_TRACKING_PASSWORD=...
+      tl-sweep submit search_spaces/strategy1.yaml --address http://head:8265 \\
+          --tracking-uri http://mlflow:5000 --set storage.uri=s3://ray/sweeps
+    """
+    import yaml
+
+    from orchestrator import jobs
+    from orchestrator.live import Printer
+    from orchestrator.secrets import redact, strip_credentials, without_credentials
+    from orchestrator.sweepdir import InputError, new_sweep_id
+
+    loaded = _load(spec_file, overrides)
+    if len(loaded) != 1:
+        _fail_input(f"{spec_file} holds {len(loaded)} specs; submit one at a time")
+    spec, raw, notes = loaded[0]
+    printer = Printer(Console())
+    for n in notes:
+        printer.line(f"note: {n}")
+    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or spec.tracking.uri
+    if not uri or uri.startswith(("sqlite:", "file:", "/", "./")) or "://" not in uri:
+        _fail_input("tracking: a submitted sweep logs to an MLflow server the cluster reaches: give --tracking-uri "
+                    "http://mlflow:5000 (or MLFLOW_TRACKING_URI, or tracking.uri)")
+    if not spec.storage.uri:
+        _fail_input("storage.uri: a submitted sweep keeps its state where every node and any later driver can read "
+                    "it: set storage.uri to s3://bucket/prefix (or a folder every node mounts), e.g. "
+                    "--set storage.uri=s3://ray/sweeps")
+    uri = strip_credentials(uri, "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
+    from orchestrator.secrets import split_storage_credentials
+
+    split_storage_credentials(spec.storage.uri)  # key:secret@ -> AWS_* here, then to the job in memory
+    text = without_credentials(yaml.safe_dump(raw, sort_keys=False))
+    sweep_id = new_sweep_id(spec.name)
+    try:
+        job = jobs.submit(address, ["job-run", sweep_id, "--spec", jobs.encode_spec(text), "--tracking-uri", uri],
+                          sweep_id, working_dir, {"sweep": sweep_id, "name": spec.name}, leave_out=[spec_file])
+    except InputError as e:
+        _fail_input(str(e))
+    printer.line(f"submitted sweep {sweep_id} to {address} (job {job})")
+    code = jobs.watch_start(address, job, printer)
+    if code:
+        sys.exit(code)
+    printer.line(f"follow it: tl-sweep status {sweep_id} --address {address}; tl-sweep logs {sweep_id} --address "
+                 f"{address} --follow; results: tl-sweep show {sweep_id} --storage {redact(spec.storage.uri)}")
+
+
+@cli.command(name="job-run", hidden=True)
+@click.argument("sweep_id")
+@click.option("--spec", "encoded", required=True)
+@click.option("--tracking-uri", default=None)
+@click.option("--secrets-key", default=None)
+def job_run(sweep_id: str, encoded: str, tracking_uri: Optional[str], secrets_key: Optional[str]) -> None:
+    """A submitted sweep's driver, on the cluster (what tl-sweep submit runs)."""
+    import ray
+
+    from orchestrator import jobs
+    from orchestrator.secrets import receive_in_job
+    from orchestrator.spec import SpecError, load_specs_text
+
+    if secrets_key:
+        ray.init(address="auto", log_to_driver=False, configure_logging=False, logging_level="ERROR")
+        receive_in_job(secrets_key)
+    try:
+        loaded = load_specs_text(jobs.decode_spec(encoded), f"sweep {sweep_id}")
+    except SpecError as e:
+        _fail_input(str(e))
+    _run_all(loaded, "auto", tracking_uri, sweep_id=sweep_id)
+
+
+@cli.command(name="job-resume", hidden=True)
+@click.argument("sweep_id")
+@click.option("--storage", required=True)
+@click.option("--secrets-key", default=None)
+def job_resume(sweep_id: str, storage: str, secrets_key: Optional[str]) -> None:
+    """A resumed sweep's driver, on the cluster (what tl-sweep resume --address http://... runs)."""
+    import ray
+
+    from orchestrator.secrets import receive_in_job
+
+    if secrets_key:
+        ray.init(address="auto", log_to_driver=False, configure_logging=False, logging_level="ERROR")
+        receive_in_job(secrets_key)
+    _resume(sweep_id, storage, "auto")
+
+
+@cli.command()
+@click.argument("sweep", required=False)
+@click.option("--address", required=True, metavar="URL", help="The cluster's Ray Jobs API: http://head:8265.")
+def status(sweep: Optional[str], address: str) -> None:
+    """The status of SWEEP's jobs on the cluster (every tl-sweep job without SWEEP).
+
+    \b
+    Example:
+      tl-sweep status strategy1-20261125-101500-ab12 --address http://head:8265
+    """
+    from orchestrator import jobs
+    from orchestrator.sweepdir import InputError
+
+    try:
+        found = jobs.sweep_jobs(address, sweep)
+    except InputError as e:
+        _fail_input(str(e))
+    if sweep and not found:
+        _fail_input(f"no tl-sweep job for {sweep!r} on {address}")
+    t = Table("sweep", "job", "status", "started", "ended", "message")
+    for j in found:
+        started = _time(j.start_time)
+        ended = _time(j.end_time)
+        t.add_row((j.metadata or {}).get("sweep", ""), j.submission_id or "", str(j.status), started, ended,
+                  (j.message or "")[:120])
+    Console(width=200).print(t)
+
+
+def _time(ms: Optional[int]) -> str:
+    import datetime as dt
+
+    return dt.datetime.fromtimestamp(ms / 1000).isoformat(timespec="seconds") if ms else ""
+
+
+@cli.command()
+@click.argument("sweep")
+@click.option("--address", required=True, metavar="URL", help="The cluster's Ray Jobs API: http://head:8265.")
+@click.option("--follow", "-f", is_flag=True, help="Keep printing until the job ends.")
+def logs(sweep: str, address: str, follow: bool) -> None:
+    """What SWEEP's driver printed on the cluster (its latest job).
+
+    \b
+    Example:
+      tl-sweep logs strategy1 --address http://head:8265 --follow
+    """
+    import time
+
+    from orchestrator import jobs
+    from orchestrator.secrets import redact
+    from orchestrator.sweepdir import InputError
+
+    try:
+        job = jobs.latest_job(address, sweep)
+        c = jobs.client(address)
+    except InputError as e:
+        _fail_input(str(e))
+    shown = 0
+    while True:
+        text = c.get_job_logs(job.submission_id)
+        lines = text.splitlines()
+        for line in lines[shown:]:
+            click.echo(redact(line))
+        shown = len(lines)
+        if not follow or c.get_job_status(job.submission_id) in jobs.DONE:
+            if follow:  # the last lines written as it ended
+                for line in c.get_job_logs(job.submission_id).splitlines()[shown:]:
+                    click.echo(redact(line))
+            return
+        time.sleep(2)
+
+
+@cli.command()
+@click.argument("sweep")
+@click.option("--address", required=True, metavar="URL", help="The cluster's Ray Jobs API: http://head:8265.")
+def stop(sweep: str, address: str) -> None:
+    """Stop SWEEP's running job as Ctrl-C would: trials stopped, MLflow runs closed as KILLED;
+    tl-sweep resume carries on from there.
+
+    \b
+    Example:
+      tl-sweep stop strategy1 --address http://head:8265
+    """
+    from orchestrator import jobs
+    from orchestrator.sweepdir import InputError
+
+    try:
+        job = jobs.latest_job(address, sweep)
+        stopped = jobs.client(address).stop_job(job.submission_id)
+    except InputError as e:
+        _fail_input(str(e))
+    click.echo(f"job {job.submission_id}: {'stopping' if stopped else 'not running (' + str(job.status) + ')'}")
 
 
 @cli.command(name="ls")

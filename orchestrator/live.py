@@ -30,13 +30,30 @@ class Printer:
 class LiveTable(DriverCallback):
     """Trial id, the values that vary, status, epoch, the metric and the best so far."""
 
+    driver_only = ("_printer", "_live", "_trials")
+
     def __init__(self, printer: Printer, varying: List[str], metric: str, mode: str):
-        self.printer, self.varying, self.metric, self.mode = printer, varying, metric, mode
+        self._printer, self.varying, self.metric, self.mode = printer, varying, metric, mode
         self.rows: Dict[str, Dict[str, Any]] = {}
         self._trials: Dict[str, Any] = {}
         self.best: Optional[float] = None
         self.best_trial: Optional[str] = None
         self._live: Optional[Live] = None
+
+    @property
+    def printer(self) -> Printer:
+        if self._printer is None:  # a copy on the head node (Ray Client): its own console
+            self._printer = Printer()
+        return self._printer
+
+    @printer.setter
+    def printer(self, value: Printer) -> None:
+        self._printer = value
+
+    def _known(self) -> Dict[str, Any]:
+        if self._trials is None:
+            self._trials = {}
+        return self._trials
 
     # ------------------------------------------------------------------ rendering
     def _better(self, a: float, b: Optional[float]) -> bool:
@@ -74,7 +91,7 @@ class LiveTable(DriverCallback):
         self._event(trial.trial_id, "start " + " ".join(f"{k}={fmt(v)}" for k, v in row["values"].items()))
 
     def _row(self, trial) -> Dict[str, Any]:
-        self._trials[trial.trial_id] = trial
+        self._known()[trial.trial_id] = trial
         return self.rows.setdefault(trial.trial_id, {"values": {k: get_path(trial.config, k, "") for k in self.varying}})
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
@@ -101,8 +118,8 @@ class LiveTable(DriverCallback):
 
     def on_experiment_end(self, trials, **info):
         for t in trials:
-            self._trials[t.trial_id] = t
+            self._known()[t.trial_id] = t
 
     def trials(self) -> List[Any]:
-        return list(self._trials.values())
+        return list(self._known().values())
 

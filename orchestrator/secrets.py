@@ -46,6 +46,20 @@ def redact(text: str) -> str:
     return text
 
 
+def without_credentials(text: str) -> str:
+    """``text`` with every URI's ``user:password@`` removed (not masked: a spec stored or sent
+    this way re-runs with the credentials of the environment it runs in) and any value of a
+    secret variable of this environment masked."""
+
+    def one(m: "re.Match[str]") -> str:
+        parts = urlsplit(m.group(0))
+        if parts.password is not None or parts.username:
+            parts = parts._replace(netloc=(parts.hostname or "") + (f":{parts.port}" if parts.port else ""))
+        return urlunsplit(parts)
+
+    return redact(_URI.sub(one, text))
+
+
 def is_secret(key: str) -> bool:
     k = key.lower()
     return any(w in k for w in SECRET_WORDS)
@@ -81,10 +95,12 @@ def handoff_key() -> str:
 def upload_for_job(client, key: str, values: Dict[str, str]) -> None:
     """Put ``values`` into the cluster's in-memory key-value store under ``key``, through the
     job API's package upload (the job reads and deletes them as it starts)."""
-    from ray.dashboard.modules.dashboard_sdk import uri_to_http_components
+    from ray.dashboard.modules.job.common import uri_to_http_components
 
     protocol, name = uri_to_http_components(key)
-    r = client._do_request("PUT", f"/api/packages/{protocol}/{name}", data=json.dumps(values).encode())
+    # Ray echoes the first bytes of a payload it fails to store: they say nothing secret
+    payload = json.dumps({"tl_sweep_credentials": 1, **values}).encode()
+    r = client._do_request("PUT", f"/api/packages/{protocol}/{name}", data=payload)
     if r.status_code != 200:
         raise RuntimeError(f"could not hand the credentials to the cluster (HTTP {r.status_code})")
 
@@ -101,7 +117,9 @@ def receive_in_job(key: Optional[str]) -> None:
         raise RuntimeError("the credentials this job was given are gone from the cluster's store (a restarted head?); "
                            "submit the sweep again or resume it")
     _internal_kv_del(key)
-    os.environ.update(json.loads(blob))
+    values = json.loads(blob)
+    values.pop("tl_sweep_credentials", None)
+    os.environ.update(values)
 
 
 def split_storage_credentials(uri: str) -> Tuple[str, bool]:

@@ -141,7 +141,9 @@ class StorageSpec(Section):
     # node sees (shared file system) or s3://bucket/prefix (query parameters for an S3-compatible
     # server, e.g. ?endpoint_override=host:9000&scheme=http). Default: the sweep folder.
     uri: Optional[str] = None
-    keep_checkpoints: int = Field(1, ge=1)
+    # checkpoints kept per trial: 2 = the last and the one before, so a driver that dies while a
+    # trial's checkpoint is being replaced still finds the one its saved state points to
+    keep_checkpoints: int = Field(2, ge=1)
 
 
 class Spec(TrialSections):
@@ -373,6 +375,15 @@ def apply_overrides(raw: Dict[str, Any], overrides: List[str]) -> Tuple[Dict[str
             del space[key]
             notes.append(f"{key} fixed to {value!r} by --set (no longer searched)")
     return raw, notes
+
+
+def load_specs_text(text: str, source: str) -> List[Tuple[Spec, Dict[str, Any], List[str]]]:
+    """Validate a spec given as YAML text (a submitted sweep's, on the cluster)."""
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise SpecError(source, [f"malformed YAML: {e}"]) from None
+    return [(validate(raw, source), raw, [])]
 
 
 def load_specs(path: str | Path, overrides: Optional[List[str]] = None) -> List[Tuple[Spec, Dict[str, Any], List[str]]]:

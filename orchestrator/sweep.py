@@ -25,7 +25,8 @@ import yaml
 
 from orchestrator import space as sp
 from orchestrator import tuning
-from orchestrator.secrets import forwarded, redact
+from orchestrator.secrets import forwarded, redact, without_credentials
+from trainables.secrets import brokered
 from orchestrator.spec import Spec, get_path, set_path, validate
 from orchestrator.sweepdir import (
     LOG_FILE, POINTER_FILE, SPEC_FILE, TUNE_DIR, InputError, Store, Sweep, new_sweep_id,
@@ -144,19 +145,79 @@ def init_ray(address: Optional[str], log_file: Path) -> Dict[str, float]:
 
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+    # Tune's experiment state (which trials ended, the searcher) is saved at most this often: a
+    # driver that dies loses at most the last second of it (a trial that ended in it starts
+    # again only to report its final checkpoint)
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
     kwargs: Dict[str, Any] = dict(log_to_driver=False, configure_logging=False, ignore_reinit_error=True)
     addr = address or os.environ.get("RAY_ADDRESS")
     with _stderr_to(log_file):
-        if addr:
+        if addr and addr.startswith("ray://"):
+            _connect_client(addr, kwargs)
+        elif addr:
             ray.init(address=addr, **kwargs)
         else:
             ray.init(include_dashboard=False, **kwargs)
+    _stop_on_sigterm()  # after ray.init, which sets its own SIGTERM handler
     return dict(ray.cluster_resources())
+
+
+def _connect_client(address: str, kwargs: Dict[str, Any], attempts: int = 4) -> None:
+    """Ray Client: the head's proxy starts a server process for each connection, and that
+    start now and then fails ("Starting Ray client server failed", or the process is a zombie
+    before the proxy reads it); a new attempt gets a new one. Other errors (a wrong address,
+    a refused token) are raised at once."""
+    import time
+
+    import ray
+
+    for attempt in range(1, attempts + 1):
+        try:
+            ray.init(address=address, **kwargs)
+            return
+        except ConnectionAbortedError as e:
+            # the server side failed to start its session (its process failed or died at once)
+            if "Initialization failure from server" not in str(e) or attempt == attempts:
+                raise
+            logging.getLogger("ray").warning("Ray Client session did not start (attempt %d): %s", attempt, e)
+            time.sleep(2 * attempt)
+
+
+def _stop_on_sigterm() -> None:
+    """SIGTERM (tl-sweep stop, a job Ray stops, a container stopped) stops the sweep as Ctrl-C
+    does: trials stopped, MLflow runs closed as KILLED, the sweep resumable."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+
+
+def keep_credentials_out_of_runtime_env() -> None:
+    """Ray Tune copies AWS_* from the driver's environment into every trial actor's runtime
+    environment (ray/tune/execution/class_cache.py), and Ray's runtime-env agent writes runtime
+    environments, variables included, to its log on each node. tl-sweep hands credentials to
+    its trials through the sweep's broker actor instead (trainables/secrets.py), so Tune must
+    not copy them."""
+    from ray.tune.execution import class_cache
+
+    class_cache.ENV_VARS_TO_PROPAGATE = frozenset(
+        v for v in class_cache.ENV_VARS_TO_PROPAGATE if not v.startswith("AWS_"))
+
+
+# The brokers of this driver's sweeps: a Ray actor lives while a handle to it does.
+_BROKERS: Dict[str, Any] = {}
 
 
 def start_broker(sweep_id: str) -> Optional[str]:
     """Hand this process's secret variables to the sweep's trials, in memory (a broker actor
     that lives as long as this driver). Returns its name, or None when there is nothing to hand."""
+    keep_credentials_out_of_runtime_env()
     values = forwarded()
     if not values:
         return None
@@ -167,6 +228,7 @@ def start_broker(sweep_id: str) -> Optional[str]:
     name = f"tl_sweep_secrets_{sweep_id}"
     broker = ray.remote(num_cpus=0)(SecretBroker).options(name=name, get_if_exists=True).remote()
     ray.get(broker.put.remote(values))
+    _BROKERS[name] = broker
     return name
 
 
@@ -185,7 +247,8 @@ def trials_that_fit(need: Dict[str, float], nodes: List[Dict[str, float]]) -> in
 
 def check_placement(spec: Spec, printer) -> int:
     """Print the cluster and how many trials fit at once; fail if a trial can never be placed.
-    Returns the number of live nodes."""
+    Returns the number of live nodes. Tune keeps as many trials ready as fit at once, so a slot
+    that frees up starts the next trial at once (with a searcher, Tune readies one otherwise)."""
     import ray
 
     nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
@@ -205,6 +268,7 @@ def check_placement(spec: Spec, printer) -> int:
     limit = spec.search.max_concurrent
     at_once = min(fit, limit) if limit else fit
     printer.line(f"cluster: {len(nodes)} node(s), {have}; a trial needs {want}: {at_once} trial(s) at once")
+    os.environ.setdefault("TUNE_MAX_PENDING_TRIALS_PG", str(max(1, at_once)))
     return len(nodes)
 
 
@@ -251,17 +315,17 @@ class _Created:
 
 
 def run_sweep(spec: Spec, raw: Dict[str, Any], *, address: Optional[str] = None,
-              tracking_uri: Optional[str] = None, console=None) -> SweepOutcome:
+              tracking_uri: Optional[str] = None, console=None, sweep_id: Optional[str] = None) -> SweepOutcome:
     """Run ``spec`` to the end (or to Ctrl-C) and return its outcome."""
     from orchestrator.live import LiveTable, Printer
 
     printer = Printer(console)
     # What is stored (sweep folder, MLflow, Tune's pickled state) holds no credentials.
-    raw = yaml.safe_load(redact(yaml.safe_dump(raw, sort_keys=False)))
+    raw = yaml.safe_load(without_credentials(yaml.safe_dump(raw, sort_keys=False)))
     searched = list(spec.search.space)
     uri = resolve_tracking_uri(tracking_uri, spec.tracking.uri, spec.storage.path)
     root = Path(spec.storage.path).expanduser().resolve()
-    sweep_id = new_sweep_id(spec.name)
+    sweep_id = sweep_id or new_sweep_id(spec.name)
     store = Store.at(spec.storage.uri).child(sweep_id) if spec.storage.uri else Store.at(str(root / sweep_id))
     if spec.storage.uri:  # before anything exists: storage that cannot be written is the user's input
         shared = Store.at(spec.storage.uri)
@@ -288,6 +352,8 @@ def run_sweep(spec: Spec, raw: Dict[str, Any], *, address: Optional[str] = None,
         if note:
             printer.line(note)
         broker = start_broker(sweep_id)
+        if not uri.startswith("sqlite:"):
+            check_tracking(uri)
 
         local = created.folder(root / sweep_id)
         handler = _move_log(handler, Path(tmp), local / LOG_FILE)
@@ -303,7 +369,7 @@ def run_sweep(spec: Spec, raw: Dict[str, Any], *, address: Optional[str] = None,
             "status": "running", "tracking_uri": uri, "experiment_id": exp_id, "parent_run_id": parent.info.run_id,
             "metric": spec.search.metric, "mode": spec.search.mode, "varying": searched,
             "num_trials": sp.num_trials(spec), "epochs": spec.max_epochs, "store": store.display,
-            "tune_path": f"{store.display}/{TUNE_DIR}",
+            "tune_path": store.child(TUNE_DIR).display,
         }
         sweep = Sweep(store, meta, local)
         store.write_bytes(SPEC_FILE, yaml.safe_dump(raw, sort_keys=False).encode())
@@ -322,6 +388,19 @@ def run_sweep(spec: Spec, raw: Dict[str, Any], *, address: Optional[str] = None,
         Path(tmp).unlink(missing_ok=True)
         raise
     return _drive(tuner, tracker, live, sweep, client, spec, handler)
+
+
+def check_tracking(uri: str) -> None:
+    """The MLflow server answers, and takes this process's credentials (before anything exists)."""
+    try:
+        client_for(uri).search_experiments(max_results=1)
+    except Exception as e:
+        reason = redact(str(e)).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        raise InputError(
+            f"tracking: the MLflow server at {uri} does not answer as it should ({reason}). Check the URI "
+            "(--tracking-uri, MLFLOW_TRACKING_URI or tracking.uri) and, for a server with authentication, "
+            "MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD."
+        ) from None
 
 
 def _pointer(storage_uri: str, sweep_id: str) -> str:
@@ -365,7 +444,7 @@ def resume_sweep(sweep: Sweep, *, address: Optional[str] = None, storage_path: s
         broker = start_broker(sweep.id)
         client = client_for(meta["tracking_uri"])
         tuner = tune.Tuner.restore(f"{store.path}/{TUNE_DIR}", trainable=_trainable(spec, broker),
-                                   storage_filesystem=store.fs, resume_unfinished=True,
+                                   storage_filesystem=brokered(store.fs, broker), resume_unfinished=True,
                                    resume_errored=False, restart_errored=False)
     except BaseException:
         _shutdown(handler)
@@ -408,6 +487,7 @@ def _tuner(spec: Spec, store: Store, callbacks: list, broker: Optional[str]):
     from ray import tune
 
     path, fs = store.tune_location()
+    fs = brokered(fs, broker)  # Tune sends it to every trial: the keys come from the broker, not the pickle
     return tune.Tuner(
         _trainable(spec, broker),
         param_space=sp.param_space(spec),
@@ -418,6 +498,7 @@ def _tuner(spec: Spec, store: Store, callbacks: list, broker: Optional[str]):
             scheduler=tuning.trial_scheduler(spec, store),
             num_samples=sp.num_trials(spec),
             max_concurrent_trials=spec.search.max_concurrent,
+            reuse_actors=True,  # a trial process runs the next trial: no new process, imports done
         ),
         run_config=tune.RunConfig(
             name=TUNE_DIR,
@@ -461,13 +542,16 @@ def _log_best_checkpoint(client, meta: Dict[str, Any], grid, spec: Spec) -> None
     except Exception:  # no trial reported the metric (all failed)
         return
     ckpt = best.checkpoint
-    found = find_child_run(client, meta["experiment_id"], meta["parent_run_id"], (best.metrics or {}).get("trial_id", ""))
+    found = find_child_run(client, meta["experiment_id"], meta["parent_run_id"], str((best.config or {}).get("trial_index")))
     if ckpt is None or not found:
         return
     run_id = found[0].info.run_id
-    with ckpt.as_directory() as d:
-        client.log_artifacts(run_id, d, artifact_path="checkpoint")
     client.set_tag(run_id, TAG_BEST, "true")
+    try:
+        with ckpt.as_directory() as d:
+            client.log_artifacts(run_id, d, artifact_path="checkpoint")
+    except (OSError, FileNotFoundError) as e:  # the sweep's results stand without it
+        logging.getLogger("ray").warning("the best trial's checkpoint could not be logged: %s", redact(str(e)))
 
 
 def _shutdown(handler: logging.Handler) -> None:

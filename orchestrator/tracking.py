@@ -22,7 +22,9 @@ from trainables import metrics as M
 from trainables.config import TrialConfig, done
 
 TAG_SWEEP = "tl_sweep.sweep_id"
-TAG_TRIAL = "tl_sweep.trial_id"
+TAG_TRIAL = "tl_sweep.trial_id"  # the Ray Tune trial that ran (or last carried on) the child run
+TAG_INDEX = "tl_sweep.trial_index"  # the trial's index in the sweep's study: what identifies a child run
+TAG_LOST = "tl_sweep.lost"
 TAG_PRUNED = "tl_sweep.pruned"
 TAG_ERROR = "tl_sweep.error"
 TAG_ROLE = "tl_sweep.role"
@@ -33,17 +35,17 @@ TAG_STARTS = "tl_sweep.starts"
 
 
 class DriverCallback(Callback):
-    """A Tune callback with driver-only handles (an MLflow client, a console).
+    """A Tune callback with handles of the process it runs in (an MLflow client, a console).
 
-    Tune pickles its callbacks into the experiment (tuner.pkl) when a sweep starts; a resumed
-    sweep does not use those copies but hands Tune fresh callbacks (sweep.resume_sweep). So a
-    callback pickles to nothing: no handle, no credential, no state reaches the disk."""
+    Tune pickles its callbacks: into the experiment (tuner.pkl) when a sweep starts, and, with
+    Ray Client, to the head node that runs the sweep's loop. The handles are left out (each is
+    made again where it is first needed); credentials are never in a callback's state. A
+    resumed sweep hands Tune fresh callbacks (sweep.resume_sweep)."""
+
+    driver_only: tuple = ()
 
     def __getstate__(self):
-        return {}
-
-    def __setstate__(self, state):
-        self.__dict__.update(state)
+        return {k: (None if k in self.driver_only else v) for k, v in self.__dict__.items()}
 
 
 def default_tracking_uri(storage_path: str) -> str:
@@ -73,7 +75,12 @@ def client_for(uri: str):
 
 
 def ensure_experiment(client, name: str, storage_path: str, local_store: bool) -> str:
+    from orchestrator.sweepdir import InputError
+
     exp = client.get_experiment_by_name(name)
+    if exp is not None and exp.lifecycle_stage == "deleted":
+        raise InputError(f"tracking: the MLflow experiment {name!r} is deleted; restore it (mlflow experiments restore "
+                         f"--experiment-id {exp.experiment_id}) or name another with tracking.experiment")
     if exp is not None:
         return exp.experiment_id
     location = (Path(storage_path) / "mlartifacts").resolve().as_uri() if local_store else None
@@ -113,6 +120,8 @@ def trial_outcome(trial, epochs_run: int) -> str:
 class MlflowTracker(DriverCallback):
     """A Ray Tune callback on the driver that mirrors every trial into its MLflow child run."""
 
+    driver_only = ("_client",)
+
     def __init__(self, uri: str, experiment_id: str, parent_run_id: str, sweep_id: str,
                  trial_spec: Callable[[Dict[str, Any]], str], broker: Optional[str] = None):
         self.uri, self.experiment_id = uri, experiment_id
@@ -140,22 +149,28 @@ class MlflowTracker(DriverCallback):
 
     # --------------------------------------------------------------- child runs
     def run_for(self, trial) -> str:
-        """The trial's one child run: cached, else found by tag (retry / resume), else created."""
+        """The trial's one child run: cached, else found by its index in the sweep (a retry, a
+        resume, or a trial that a resumed sweep starts again in the place of one its driver had
+        started but not yet recorded when it died), else created."""
         tid = trial.trial_id
         if tid in self.runs:
             return self.runs[tid]
-        found = find_child_run(self.client, self.experiment_id, self.parent_run_id, tid)
+        index = str(trial.config.get("trial_index", tid))
+        found = find_child_run(self.client, self.experiment_id, self.parent_run_id, index)
         if found:
             run_id = found[0].info.run_id
             self.logged_epoch[tid] = int(found[0].data.metrics.get(M.EPOCH, 0))
             self.starts[tid] = int(found[0].data.tags.get(TAG_STARTS, 0))
+            if found[0].data.tags.get(TAG_TRIAL) != tid:
+                self.client.set_tag(run_id, TAG_TRIAL, tid)
             if found[0].info.status != "RUNNING":
                 self.client.update_run(run_id, status="RUNNING")
         else:
             run = self.client.create_run(
                 self.experiment_id,
                 run_name=f"trial-{tid}",
-                tags={"mlflow.parentRunId": self.parent_run_id, TAG_TRIAL: tid, TAG_SWEEP: self.sweep_id, TAG_ROLE: "trial"},
+                tags={"mlflow.parentRunId": self.parent_run_id, TAG_TRIAL: tid, TAG_INDEX: index,
+                      TAG_SWEEP: self.sweep_id, TAG_ROLE: "trial"},
             )
             run_id = run.info.run_id
             log_params(self.client, run_id, dict(trial.config, seed=TrialConfig.parse(trial.config).seed))
@@ -212,17 +227,24 @@ class MlflowTracker(DriverCallback):
         self.client.set_tag(self.run_for(trial), TAG_RETRIES, str(trial.num_failures))
 
     def close_open_runs(self, trials: List[Any], status: str = "KILLED") -> None:
-        """After an interrupt: close every child run still RUNNING (no orphans)."""
+        """After the sweep stops: close every child run still RUNNING (no orphans), also one
+        whose trial a resumed sweep never took up again (tagged lost)."""
         for trial in trials:
             if trial.trial_id in self.runs and trial.trial_id not in self.closed:
                 self._close(trial, status)
+        indexes = {str(t.config.get("trial_index")) for t in trials}
+        for run in self.client.search_runs([self.experiment_id], max_results=10000, filter_string=(
+                f"tags.`mlflow.parentRunId` = '{self.parent_run_id}' and attributes.status = 'RUNNING'")):
+            if trials and run.data.tags.get(TAG_INDEX) not in indexes:
+                self.client.set_tag(run.info.run_id, TAG_LOST, "true")
+            terminate(self.client, run.info.run_id, status)
 
 
-def find_child_run(client, experiment_id: str, parent_run_id: str, trial_id: str):
-    """A trial's child run, by its tags, as a one-element list (or empty)."""
+def find_child_run(client, experiment_id: str, parent_run_id: str, trial_index: str):
+    """A trial's child run, by its index in the sweep, as a one-element list (or empty)."""
     return client.search_runs(
         [experiment_id],
-        filter_string=f"tags.`{TAG_TRIAL}` = '{trial_id}' and tags.`mlflow.parentRunId` = '{parent_run_id}'",
+        filter_string=f"tags.`{TAG_INDEX}` = '{trial_index}' and tags.`mlflow.parentRunId` = '{parent_run_id}'",
         max_results=1,
     )
 

@@ -124,9 +124,28 @@ class ResumableASHA(_asha_base()):
             return False
         # written by this sweep's own driver into its own storage
         self.__dict__.update(pickle.loads(self._store.read_bytes(STATE_FILE)))
+        self._restored: Optional[set] = set()  # the trials the restored experiment knows
         return True
 
+    def on_trial_add(self, tune_controller, trial):
+        super().on_trial_add(tune_controller, trial)
+        if getattr(self, "_restored", None) is not None:
+            self._restored.add(trial.trial_id)
+
+    def _forget_lost(self) -> None:
+        """A trial the dead driver had started but Tune had not recorded is started again
+        under a new id after a resume: its values at the rungs must not count twice."""
+        known = getattr(self, "_restored", None)
+        if known is None:
+            return
+        for bracket in self._brackets:
+            for _, recorded in bracket._rungs:
+                for tid in [t for t in recorded if t not in known]:
+                    del recorded[tid]
+        self._restored = None
+
     def on_trial_result(self, tune_controller, trial, result):
+        self._forget_lost()
         decision = super().on_trial_result(tune_controller, trial, result)
         self._persist()
         return decision

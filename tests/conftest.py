@@ -6,6 +6,7 @@ import copy
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Dict, List
 
@@ -14,6 +15,10 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
+
+# The tests' decoded-image cache: a folder of this test session, not the user's ~/.cache
+# (the tl-sweep commands they start inherit it).
+os.environ.setdefault("TL_SWEEP_CACHE", tempfile.mkdtemp(prefix="tl-sweep-cache-"))
 SEARCH_SPACES = REPO / "search_spaces"
 
 # Tiny: 120 digits at 32 px, a pretrained EfficientNet-Lite0, 2 epochs.
@@ -71,11 +76,17 @@ def write_spec(tmp_path):
     return write
 
 
+# Credentials a test command must get from the test alone, never from the developer's shell.
+CREDENTIAL_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "MLFLOW_TRACKING_USERNAME",
+                  "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_URI", "RAY_ADDRESS")
+
+
 def run_cli(args: List[str], cwd: Path, timeout: int = 600, env: Dict | None = None) -> subprocess.CompletedProcess:
-    """Run the real installed ``tl-sweep`` console script."""
+    """Run the real installed ``tl-sweep`` console script (credentials only from ``env``)."""
     exe = Path(sys.executable).with_name("tl-sweep")
     cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "orchestrator.cli"]
-    full_env = dict(os.environ, **(env or {}))
+    full_env = {k: v for k, v in os.environ.items() if k not in CREDENTIAL_ENV}
+    full_env.update(env or {})
     return subprocess.run(cmd + args, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=full_env)
 
 

@@ -79,12 +79,16 @@ def test_corrupt_image_names_the_file(tmp_path):
     _class_folders(tmp_path / "imgs", n=3)
     bad = tmp_path / "imgs" / "dog" / "1.jpg"
     bad.write_bytes(b"\xff\xd8 truncated")
-    d = build_data(cfg(name="image_folder", root=str(tmp_path / "imgs"), val_fraction=0.34, test_fraction=0.34, seed=0))
+    d = build_data(cfg(name="image_folder", root=str(tmp_path / "imgs"), val_fraction=0.34, test_fraction=0.34, seed=0,
+                       cache="off"))
     sets = [d.train, d.val, d.test]
     with pytest.raises(DataError, match=f"cannot read image {bad}"):
         for s in sets:
             for i in range(len(s)):
                 s[i]
+    # with the decoded-image cache, every image is read as the data set is built: the error comes first
+    with pytest.raises(DataError, match=f"cannot read image {bad}"):
+        build_data(cfg(name="image_folder", root=str(tmp_path / "imgs"), val_fraction=0.34, test_fraction=0.34))
 
 
 def test_flowers102_official_split_from_mat_files(tmp_path):
@@ -151,3 +155,34 @@ def test_stratified_split_keeps_one_for_training():
     targets = np.array([0, 0, 1])
     val, rest = stratified_split(targets, [0.5], seed=0)
     assert 2 in rest.tolist(), "a class with one image keeps it for training"
+
+
+def _cifar_batches(tmp_path):
+    base = tmp_path / "cifar-10-batches-py"
+    base.mkdir(exist_ok=True)
+    rng = np.random.default_rng(0)
+    for name, n in (("data_batch_1", 20), ("test_batch", 10)):
+        with open(base / name, "wb") as f:
+            pickle.dump({b"data": rng.integers(0, 255, (n, 3072), dtype=np.uint8), b"labels": [i % 10 for i in range(n)]}, f)
+    return base
+
+
+def test_cifar_batches_not_on_torchvisions_md5_list_are_not_read(tmp_path):
+    _cifar_batches(tmp_path)
+    with pytest.raises(DataError, match=r"data_batch_1 is not the official CIFAR-10 data_batch_1 .*MD5"):
+        build_data(cfg(name="cifar10", root=str(tmp_path)))
+
+
+class _Boom:
+    def __reduce__(self):
+        import os
+
+        return (os.system, ("echo pwned > /dev/null",))
+
+
+def test_a_cifar_batch_that_would_run_code_is_refused_even_unverified(tmp_path):
+    base = _cifar_batches(tmp_path)
+    with open(base / "data_batch_1", "wb") as f:
+        pickle.dump({b"data": _Boom(), b"labels": []}, f)
+    with pytest.raises(DataError, match="posix.system is not allowed in a CIFAR batch|system is not allowed"):
+        build_data(cfg(name="cifar10", root=str(tmp_path), verify=False))

@@ -145,3 +145,37 @@ def test_bad_input_found_before_start_exits_2_and_leaves_nothing(tmp_path, base_
     assert r.returncode == 2, r.stdout + r.stderr
     assert needle in r.stderr
     assert not storage.exists(), "no sweep folder and no MLflow store"
+
+
+def test_a_rollback_removes_only_what_the_run_made(tmp_path):
+    from orchestrator.sweep import _Created
+
+    root = tmp_path / "sweeps"
+    (root / "older-sweep").mkdir(parents=True)
+    (root / "mlflow.db").write_bytes(b"a store of earlier sweeps")
+    created = _Created()
+    created.folder(root / "new-sweep")
+    (root / "new-sweep" / "ray.log").write_text("log")
+    created.rollback()
+    assert sorted(p.name for p in root.iterdir()) == ["mlflow.db", "older-sweep"]
+
+    fresh = tmp_path / "fresh" / "sweeps"
+    created = _Created()
+    created.folder(fresh / "s1")
+    (fresh / "mlflow.db").write_bytes(b"made by the failed run's MLflow client")
+    created.rollback()
+    assert not (fresh / "s1").exists() and (fresh / "mlflow.db").exists(), "an MLflow store is never deleted"
+    created = _Created()
+    created.folder(tmp_path / "fresh2" / "sweeps" / "s1")
+    created.rollback()
+    assert not (tmp_path / "fresh2").exists(), "folders the run made, and only those, are gone"
+
+
+def test_an_unreachable_tracking_server_exits_2_and_leaves_nothing(tmp_path, base_spec, write_spec):
+    storage = tmp_path / "sweeps"
+    base_spec["storage"]["path"] = str(storage)
+    r = run_cli(["run", str(write_spec(base_spec)), "--tracking-uri", "http://127.0.0.1:9"], cwd=tmp_path, timeout=300,
+                env={"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"})
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "tracking: the MLflow server at http://127.0.0.1:9 does not answer" in r.stderr
+    assert not storage.exists()

@@ -203,3 +203,27 @@ def test_readme_spec_reference_names_every_field():
             else:
                 assert f"{section}.{field}" in readme, f"{section}.{field} is missing from README's spec reference"
     assert readme.startswith("# tl-sweep\n\n```bash\npip install -e . && tl-sweep run search_spaces/quickstart.yaml")
+
+
+@pytest.mark.parametrize("mutate, needle", [
+    (lambda s: s["search"].update(metric="val/loss", mode="max"), "search.mode: val/loss is better when lower: use mode min"),
+    (lambda s: s["search"].update(metric="val/acc", mode="min"), "search.mode: val/acc is better when higher: use mode max"),
+    (lambda s: s["search"].update(space={"train.epochs": {"randint": [2, 8]}},
+                                  scheduler={"type": "asha", "max_t": 5}), "search.space.train.epochs: up to 8 epochs"),
+    (lambda s: s["search"].update(scheduler={"type": "asha", "max_t": 9}), "search.scheduler.max_t: 9 is more than"),
+    (lambda s: s["search"].update(scheduler={"type": "asha", "grace_period": 3}), "search.scheduler.grace_period: 3 is more than"),
+    (lambda s: s["train"].update(scheduler="warmup"), "train.scheduler 'warmup' needs train.warmup_epochs > 0"),
+    (lambda s: s.update(failure={"max_retries": -1}), "failure.max_retries: Input should be greater than or equal to 0"),
+    (lambda s: s["data"].update(val_fraction=0.6, test_fraction=0.5), "must leave images to train on"),
+    (lambda s: s["search"].update(metric="test/acc"), "search.metric: 'test/acc' is not reported every epoch"),
+])
+def test_specs_that_cannot_work_are_refused(base_spec, mutate, needle):
+    mutate(base_spec)
+    found = problems(base_spec)
+    assert any(needle in p for p in found), found
+
+
+def test_a_loss_metric_defaults_to_mode_min(base_spec):
+    base_spec["search"].pop("mode")
+    base_spec["search"]["metric"] = "val/loss"
+    assert validate(base_spec).search.mode == "min"

@@ -57,3 +57,43 @@ def test_a_non_finite_loss_stops_the_trial(tiny):
         trial.model.fc.weight.fill_(float("nan"))
     with pytest.raises(FloatingPointError, match="loss is nan at epoch 1"):
         trial.train_one_epoch()
+
+
+def test_resume_is_exact_with_dataloader_workers_and_augmentation(tiny, tmp_path):
+    # every image's random transform runs under its own seed, drawn from the checkpointed generator
+    cfg = dict(tiny, data=dict(tiny["data"], num_workers=2), augment=dict(tiny["augment"], hflip=True, rotation=15))
+    straight = []
+    FineTuneTrial(cfg).fit(lambda m, d: straight.append(m), checkpoint=False)
+    first = FineTuneTrial(cfg)
+    first.train_one_epoch()
+    first.save(str(tmp_path))
+    resumed = FineTuneTrial(cfg)
+    resumed.load(str(tmp_path))
+    rest = []
+    resumed.fit(lambda m, d: rest.append(m), checkpoint=False)
+    assert [m["train/loss"] for m in rest] == pytest.approx([m["train/loss"] for m in straight[1:]], rel=1e-6)
+    again = []
+    FineTuneTrial(dict(cfg, data=dict(cfg["data"], num_workers=0))).fit(lambda m, d: again.append(m), checkpoint=False)
+    assert [m["train/loss"] for m in again] == pytest.approx([m["train/loss"] for m in straight], rel=1e-6), \
+        "the same batches with and without workers"
+
+
+def test_replicates_differ_and_a_trial_index_fixes_the_seed(tiny):
+    losses = {}
+    for index in (0, 1):
+        reports = []
+        FineTuneTrial(dict(tiny, trial_index=index)).fit(lambda m, d: reports.append(m), checkpoint=False)
+        losses[index] = [m["train/loss"] for m in reports]
+    assert losses[0] != losses[1], "a replicate is another run, not the same one again"
+    same = []
+    FineTuneTrial(dict(tiny, trial_index=0, train=dict(tiny["train"], seed=tiny["train"]["seed"] + 1))).fit(
+        lambda m, d: same.append(m), checkpoint=False)
+    assert [m["train/loss"] for m in same] == pytest.approx(losses[1]), "seed = train.seed + trial index"
+
+
+def test_checkpoints_load_with_weights_only(tiny, tmp_path):
+    trial = FineTuneTrial(tiny)
+    trial.train_one_epoch()
+    trial.save(str(tmp_path))
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert {"model", "optimizer", "rng", "loader_rng", "components", "strategy"} <= set(state)

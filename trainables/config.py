@@ -69,6 +69,8 @@ class DataConfig(Section):
     class_fraction: Optional[Dict[str, float]] = None
     seed: int = 0  # fixes the splits
     num_workers: Optional[int] = Field(None, ge=0)  # DataLoader workers; default: the trial's CPUs - 1
+    # decoded images cached on the node's disk, shared by its trials (trainables/data/cache.py)
+    cache: Literal["auto", "off"] = "auto"
 
     @model_validator(mode="after")
     def _leaves_training_images(self) -> "DataConfig":

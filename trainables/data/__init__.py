@@ -55,6 +55,10 @@ def build_data(cfg: Any) -> DataBundle:
     pools = dict(source.pools)
     if cfg.max_images:
         pools = {k: p.subset(cap_per_split(p.targets, cfg.max_images, seed)) for k, p in pools.items()}
+    if cfg.cache != "off" and any(p.files() for p in pools.values()):
+        from trainables.data.cache import cached
+
+        pools = {k: cached(p, cfg.image_size, cfg.cache, cfg.num_workers or 0) for k, p in pools.items()}
     train = pools["train"]
     carve = [s for s in ("val", "test") if s not in pools]
     if carve:

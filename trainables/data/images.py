@@ -5,7 +5,7 @@ Normalisation with the backbone's own mean/std happens on the device, per batch,
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -25,6 +25,10 @@ class ImageSet(Dataset):
     def subset(self, indices: Sequence[int]) -> "ImageSet":
         return Subset(self, np.asarray(indices, dtype=np.int64))
 
+    def files(self) -> Optional[List[Path]]:
+        """The image files, in order, when the set is read from files (else None)."""
+        return None
+
 
 class Subset(ImageSet):
     def __init__(self, base: ImageSet, indices: np.ndarray):
@@ -37,6 +41,10 @@ class Subset(ImageSet):
     def subset(self, indices: Sequence[int]) -> "ImageSet":
         # Compose onto the source, so ``indices`` always count in the original data set.
         return Subset(self.base, self.indices[np.asarray(indices, dtype=np.int64)])
+
+    def files(self) -> Optional[List[Path]]:
+        base = self.base.files()
+        return None if base is None else [base[i] for i in self.indices]
 
 
 def square_resize(img: torch.Tensor, size: int) -> torch.Tensor:
@@ -76,6 +84,9 @@ class FileImageSet(ImageSet):
 
     def __init__(self, paths: Sequence[Path], targets: Sequence[int], image_size: int):
         self.paths, self.targets, self.image_size = list(paths), np.asarray(targets), image_size
+
+    def files(self) -> Optional[List[Path]]:
+        return self.paths
 
     def __getitem__(self, i: int):
         from PIL import Image

@@ -81,4 +81,6 @@ def seeded_loader(data: Dataset, transform, batch_size: int, generator: torch.Ge
 
 
 def eval_loader(data: Dataset, batch_size: int, num_workers: int, pin_memory: bool) -> DataLoader:
-    return DataLoader(data, batch_size=batch_size, shuffle=False, num_workers=num_workers, pin_memory=pin_memory)
+    # a generator of its own: an evaluation draws nothing from the trial's RNG
+    return DataLoader(data, batch_size=batch_size, shuffle=False, num_workers=num_workers, pin_memory=pin_memory,
+                      generator=torch.Generator())
