@@ -59,3 +59,11 @@ def test_two_trials_share_one_gpu(tmp_path, cuda_spec, write_spec):
     assert sorted(c.info.status for c in children) == ["FINISHED", "FINISHED"]
     spans = sorted((c.info.start_time, c.info.end_time) for c in children)
     assert spans[1][0] < spans[0][1], "the two trials ran at the same time"
+
+
+def test_a_compiled_model_trains_like_the_eager_one(cuda_spec):
+    eager, compiled = [], []
+    FineTuneTrial(trial_config(cuda_spec)).fit(lambda m, d: eager.append(m), checkpoint=False)
+    cuda_spec["train"]["compile"] = True
+    FineTuneTrial(trial_config(cuda_spec)).fit(lambda m, d: compiled.append(m), checkpoint=False)
+    assert compiled[-1]["train/loss"] == pytest.approx(eager[-1]["train/loss"], rel=0.05)

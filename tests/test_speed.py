@@ -78,3 +78,100 @@ def test_training_with_the_cache_is_training_without_it(tmp_path, monkeypatch, b
         FineTuneTrial(trial_config(base_spec)).fit(lambda m, d: reports.append(m), checkpoint=False)
         runs[mode] = [(m["train/loss"], m["val/acc"]) for m in reports]
     assert runs["auto"] == pytest.approx(runs["off"], rel=1e-6), "same seeds, same pixels: the same trial"
+
+
+@pytest.mark.parametrize("model, last", [("resnet18", 0), ("resnet18", 1), ("timm:tf_efficientnet_lite0", 2)])
+def test_the_frozen_prefix_cache_trains_exactly_as_the_full_model(tmp_path, monkeypatch, base_spec, model, last):
+    monkeypatch.setenv("TL_SWEEP_CACHE", str(tmp_path / "cache"))
+    base_spec["model"] = {"name": model, "weights": "none"}
+    base_spec["data"].update(max_images=80, image_size=32)
+    base_spec["strategy"] = {"name": "unfreeze_last", "unfreeze_last": last, "lr_decay": 0.5}
+    base_spec["train"].update(epochs=2, batch_size=16)
+    runs, trials = {}, {}
+    for mode in ("off", "auto"):
+        base_spec["strategy"]["feature_cache"] = mode
+        trial = FineTuneTrial(trial_config(base_spec))
+        reports = []
+        trial.fit(lambda m, d: reports.append(m), checkpoint=False)
+        runs[mode], trials[mode] = [(m["train/loss"], m["val/acc"], m["val/loss"]) for m in reports], trial
+    assert trials["off"].feature_sets is None and trials["auto"].feature_sets is not None
+    # up to float rounding: a CPU convolution rounds differently with another batch composition
+    for cached_run, full_run in zip(runs["auto"], runs["off"]):
+        assert cached_run == pytest.approx(full_run, rel=1e-3), "the suffix on cached outputs is the full model"
+    x, _ = next(iter(trials["off"].loaders["val"]))
+    cached = trials["auto"]
+    with torch.no_grad():
+        cached.model.eval()
+        full = cached.model(cached.inputs(x))
+        feats, _ = next(iter(cached.loaders["val"]))
+        assert torch.allclose(cached.forward(*cached.inputs(feats)), full, atol=1e-5), "logits of the same images"
+    stored = [p for p in (tmp_path / "cache" / "features").iterdir() if p.is_dir()]
+    assert len(stored) == 3, "train, val and test outputs, each once"
+
+
+def test_a_second_trial_reuses_the_prefix_outputs(tmp_path, monkeypatch, base_spec):
+    monkeypatch.setenv("TL_SWEEP_CACHE", str(tmp_path / "cache"))
+    base_spec["model"] = {"name": "resnet18", "weights": "imagenet" if False else "none"}
+    base_spec["data"].update(max_images=60, image_size=32)
+    base_spec["strategy"] = {"name": "unfreeze_last", "unfreeze_last": 0}
+    base_spec["train"].update(epochs=1, seed=3)
+    FineTuneTrial(trial_config(base_spec))
+    first = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "cache" / "features").iterdir() if p.is_dir()}
+    base_spec["train"]["lr"] = 0.05  # another trial of the sweep: same backbone, same prefix, same data
+    FineTuneTrial(trial_config(base_spec))
+    second = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "cache" / "features").iterdir() if p.is_dir()}
+    assert first == second, "computed once, read again"
+
+
+def test_augmentation_before_the_prefix_uses_cached_views_or_no_cache(tmp_path, monkeypatch, base_spec):
+    monkeypatch.setenv("TL_SWEEP_CACHE", str(tmp_path / "cache"))
+    base_spec["model"] = {"name": "resnet18", "weights": "none"}
+    base_spec["data"].update(max_images=60, image_size=32)
+    base_spec["augment"] = {"hflip": True}
+    base_spec["train"].update(epochs=2)
+    assert FineTuneTrial(trial_config(base_spec)).feature_sets is None, "no views asked: no cache"
+    base_spec["strategy"]["feature_cache_views"] = 2
+    trial = FineTuneTrial(trial_config(base_spec))
+    assert trial.feature_sets["train"].views == 2 and trial.feature_sets["val"].views == 1
+    a = trial.feature_sets["train"]
+    a.use_view(0)
+    v0 = [a[i][0][0].clone() for i in range(len(a))]
+    a.use_view(1)
+    same = sum(torch.equal(v, a[i][0][0]) for i, v in enumerate(v0))
+    assert 0 < same < len(a), "two views of each image, flipped or not by chance"
+    base_spec["augment"] = {"mixup_alpha": 0.2}
+    assert FineTuneTrial(trial_config(base_spec)).feature_sets is None, "batch mixing comes before the prefix"
+
+
+def test_a_lean_checkpoint_holds_what_trained_and_resumes_exactly(tmp_path, base_spec):
+    base_spec["model"] = {"name": "resnet18", "weights": "none"}
+    base_spec["data"].update(max_images=60, image_size=16)
+    base_spec["strategy"] = {"name": "unfreeze_last", "unfreeze_last": 0}
+    base_spec["train"].update(epochs=3)
+    cfg = trial_config(base_spec)
+    sizes, straight = [], []
+
+    def keep(m, d):
+        straight.append(m)
+        sizes.append(m["checkpoint/size_mb"])
+        if m["epoch"] == 1:
+            import shutil
+
+            shutil.copytree(d, tmp_path / "epoch1")
+
+    FineTuneTrial(cfg).fit(keep)
+    base_spec["strategy"]["unfreeze_last"] = 5
+    full = []
+    FineTuneTrial(trial_config(base_spec)).fit(lambda m, d: full.append(m["checkpoint/size_mb"]))
+    assert sizes[0] / full[0] <= 0.1, "a linear probe's checkpoint: the head and the buffers, not the backbone"
+    assert sizes[-1] > 10 * sizes[0], "the last checkpoint is complete (it is what a trial exports)"
+    state = torch.load(tmp_path / "epoch1" / "checkpoint.pt", weights_only=True)
+    assert "layer1.0.conv1.weight" not in state["model"] and "fc.weight" in state["model"]
+    resumed = FineTuneTrial(cfg)
+    resumed.load(str(tmp_path / "epoch1"))
+    rest = []
+    resumed.fit(lambda m, d: rest.append(m), checkpoint=False)
+    assert [m["train/loss"] for m in rest] == pytest.approx([m["train/loss"] for m in straight[1:]], rel=1e-6)
+    other = dict(cfg, train=dict(cfg["train"], seed=cfg["train"]["seed"] + 5))  # other random frozen weights
+    with pytest.raises(RuntimeError, match="frozen weights came from other weights"):
+        FineTuneTrial(other).load(str(tmp_path / "epoch1"))

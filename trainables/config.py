@@ -9,7 +9,7 @@ so a new strategy or data set brings its own fields. Nothing here imports torch.
 from __future__ import annotations
 
 import copy
-from typing import Annotated, Any, Dict, List, Literal, Optional
+from typing import Annotated, Any, Dict, Iterable, List, Literal, Optional
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, SerializeAsAny, field_validator, model_validator
 
@@ -114,6 +114,12 @@ class StrategyConfig(Section):
     bn: BnMode = "train"  # batch-norm mode (trainables/strategies/batchnorm.py)
     lr_decay: float = Field(1.0, gt=0, le=1)  # LR factor per layer group below the head
     group_lrs: Optional[List[float]] = None  # explicit LRs, head first, then down towards the stem
+    # the outputs of the layer groups that stay frozen, computed once per image and shared by the
+    # node's trials (trainables/features.py); auto: whenever the trial allows it
+    feature_cache: Literal["auto", "off"] = "auto"
+    # with training augmentation: that many augmented views cached (epoch e trains on view e mod n);
+    # 0 leaves the cache off when augmentation is on
+    feature_cache_views: int = Field(0, ge=0)
 
     @field_validator("group_lrs")
     @classmethod
@@ -146,6 +152,7 @@ class TrainConfig(Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: bool = True  # bf16 autocast on CUDA; ignored on CPU
     channels_last: bool = True  # on CUDA only
+    compile: bool = False  # torch.compile the model (pays a compile at the start of each trial)
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     class_weighting: ClassWeighting = "none"
     effective_beta: float = Field(0.999, gt=0, lt=1)
@@ -352,3 +359,47 @@ def merge(base: Any, override: Any) -> Any:
 def done(config: Any, epochs_run: int) -> bool:
     """Whether a trial that ran ``epochs_run`` epochs ran to its end (else it was stopped early)."""
     return epochs_run >= TrialConfig.parse(config).total_epochs
+
+
+# Fields that mean something only when another field has some value: a trial's MLflow params
+# leave them out otherwise (momentum with AdamW, a step size without the step schedule).
+APPLIES = {
+    "train.momentum": lambda c: c.train.optimizer == "sgd",
+    "train.nesterov": lambda c: c.train.optimizer == "sgd",
+    "train.step_size": lambda c: c.train.scheduler == "step",
+    "train.gamma": lambda c: c.train.scheduler == "step",
+    "train.onecycle_pct": lambda c: c.train.scheduler == "onecycle",
+    "train.new_group_warmup": lambda c: c.strategy.name == "gradual_unfreeze",
+    "train.schedule_scope": lambda c: c.strategy.name == "gradual_unfreeze",
+    "train.effective_beta": lambda c: c.train.class_weighting == "effective",
+    "augment.mix_prob": lambda c: c.augment.cutmix_alpha > 0 or c.augment.mixup_alpha > 0,
+    "semi.method": lambda c: c.semi.method != "none",
+    "semi.threshold": lambda c: c.semi.method != "none",
+    "semi.unlabeled_weight": lambda c: c.semi.method != "none",
+    "semi.unlabeled_ratio": lambda c: c.semi.method != "none",
+    "strategy.feature_cache_views": lambda c: c.strategy.feature_cache != "off",
+}
+SWEEP_LEVEL = ("metric", "mode", "resources")  # the same in every trial: the sweep's parent run has them
+
+
+def applicable(config: Any, keep: Iterable[str] = ()) -> Dict[str, Any]:
+    """The trial's config as flat ``section.field`` params: only what applies to it (no None,
+    no field whose condition fails, no sweep-level value), plus its seed. Fields in ``keep``
+    (those the sweep searches) are always there, so trials compare on them."""
+    cfg = TrialConfig.parse(config)
+
+    def flat(d: Any, prefix: str = "") -> Dict[str, Any]:
+        out: Dict[str, Any] = {}
+        for k, v in d.items():
+            key = f"{prefix}{k}"
+            if isinstance(v, dict) and v:
+                out.update(flat(v, key + "."))
+            elif v is not None and v != {} and v != []:
+                out[key] = v
+        return out
+
+    dumped = {k: v for k, v in cfg.model_dump(mode="json").items() if k not in SWEEP_LEVEL}
+    keep = set(keep)
+    params = {k: v for k, v in flat(dumped).items() if k in keep or APPLIES.get(k, lambda c: True)(cfg)}
+    params["seed"] = cfg.seed
+    return params

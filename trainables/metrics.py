@@ -16,6 +16,7 @@ IMAGES_PER_S = "images_per_s"
 TRAIN_LR = "train/lr"
 TRAINABLE_GROUPS = "train/trainable_groups"
 NODE_ID = "node_id"  # where a trial ran (an MLflow tag, not a metric)
+CHECKPOINT_MB = "checkpoint/size_mb"  # the size of the epoch's checkpoint
 
 
 def key(split: str, name: str) -> str:

@@ -6,6 +6,7 @@ strategy work on that list, never on a model's attribute names.
 """
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,6 +63,20 @@ def group_by_prefix(model: nn.Module, prefixes: Sequence[Tuple[str, Sequence[str
 
 
 # --------------------------------------------------------------------------- torchvision
+
+
+class Normalized(nn.Module):
+    """A fine-tuned model as it is served: images as float in [0, 1], normalised with the
+    backbone's statistics inside, logits out."""
+
+    def __init__(self, model: nn.Module, mean: torch.Tensor, std: torch.Tensor):
+        super().__init__()
+        self.model = model
+        self.register_buffer("mean", mean.reshape(1, -1, 1, 1).float())
+        self.register_buffer("std", std.reshape(1, -1, 1, 1).float())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model((x.float() - self.mean) / self.std)
 
 
 def _replace(model: nn.Module, path: str, new: nn.Module) -> None:
@@ -173,6 +188,14 @@ def child_groups(model: nn.Module, head: str, vgg: bool = False) -> List[Tuple[s
     return body
 
 
+@functools.lru_cache(maxsize=4)
+def _weights_file(path: str) -> Dict[str, torch.Tensor]:
+    """A weights file, read once per process: a process that runs trial after trial (Ray Tune
+    reuses it) builds each backbone from memory. Callers copy from it, never change it."""
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+@functools.lru_cache(maxsize=4)
 def _torchvision_imagenet_state(name: str) -> dict:
     import torchvision
 
@@ -280,7 +303,7 @@ def _build_timm(name: str, weights: str, num_classes: int) -> Tuple[nn.Module, L
     if weights == "imagenet" and name in OFFLINE_IMAGENET and OFFLINE_IMAGENET[name]() is not None:
         model = timm.create_model(name, pretrained=False)
         path = OFFLINE_IMAGENET[name]()
-        load_in_order(model, torch.load(path, map_location="cpu", weights_only=True), str(path))
+        load_in_order(model, _weights_file(str(path)), str(path))
     elif weights == "imagenet":
         try:
             model = timm.create_model(name, pretrained=True)

@@ -32,7 +32,7 @@ from trainables.models import build_backbone
 from trainables.optim import build_optimizer
 from trainables.phases import PHASES
 from trainables.schedules import group_lr
-from trainables.strategies import STRATEGIES
+from trainables.strategies import STRATEGIES, Strategy
 
 CHECKPOINT_FILE = "checkpoint.pt"
 
@@ -71,12 +71,16 @@ class FineTuneTrial:
         self.num_workers = workers(c)
 
         self.phases = c.phases or []
+        self.touched: set = set()  # parameters an optimizer of this trial has held
         first = self.sections(0)
         self.data = build_data(first.data)
         self.backbone = build_backbone(c.model, self.data.num_classes)
         self.model = self.backbone.model.to(self.device)
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
+        if c.train.compile:
+            # the compiled module shares the model's parameters; state dicts and hooks use the model
+            self.compiled = torch.compile(self.model)
         shape = (1, 3, 1, 1)
         self.mean = torch.tensor(self.backbone.mean, device=self.device).view(shape)
         self.std = torch.tensor(self.backbone.std, device=self.device).view(shape)
@@ -132,12 +136,89 @@ class FineTuneTrial:
         for split in ("val", "test"):
             self.loaders[split] = eval_loader(getattr(self.data, split), eval_bs, self.num_workers, self.pin_memory)
 
+        self.forward = getattr(self, "compiled", self.model)  # the suffix alone when the frozen prefix's outputs are cached
+        self.use_feature_cache(s, index)
+
         self.components: Dict[str, LossComponent] = {}
         if s.semi.method != "none":
             self.components["semi"] = SEMI.get(s.semi.method)(s.semi, self, base + 1)
         for k, (name, cfg) in enumerate(s.losses.items()):
             self.components[name] = LOSSES.get(name)(cfg, self, base + 2 + k)
         self.components = {k: c for k, c in self.components.items() if c.active}
+
+    def use_feature_cache(self, s: TrialSections, index: int) -> bool:
+        """Train the phase on the cached outputs of its frozen prefix, when it can: the prefix
+        stays frozen all phase, nothing random comes before it (or its views are cached), and
+        the model splits there. The loaders then give the prefix's outputs, ``forward`` is the
+        suffix. See trainables/features.py."""
+        from trainables import features as FC
+
+        self.feature_sets = None
+        st = s.strategy
+        k = self.strategy.frozen_prefix(self.phase_epochs(index))
+        transform = train_transform(s.augment, s.data.image_size)
+        views = st.feature_cache_views if transform is not None else 1
+        if st.feature_cache == "off" or k < 1 or views < 1 or self.mix.active:
+            return False
+        split = FC.split_at(self.model, self.backbone.groups, k)
+        if split is None or not self._batch_outputs(split):
+            return False
+        cfg = self.config
+        weights = cfg.model.weights
+        source = _file_digest(weights) if weights not in ("imagenet", "none") else weights
+        prepared = type(self.strategy).prepare is not Strategy.prepare  # a prepare hook may change the prefix
+        base = {"v": 1, "model": cfg.model.name, "weights": source, "seed": self.seed if weights == "none" else None,
+                "k": k, "data": s.data.model_dump(mode="json", exclude={"num_workers", "cache"}),
+                "strategy": st.model_dump(mode="json") if prepared else st.name, "amp": self.amp,
+                "device": self.device.type, "channels_last": self.channels_last}
+        eval_bs = s.train.eval_batch_size or 2 * s.train.batch_size
+        sets = {}
+        for split_name in ("train", "val", "test"):
+            images = getattr(self.data, split_name)
+            augmented = split_name == "train" and transform is not None
+            n = views if augmented else 1
+            key = FC.key_of({**base, "split": split_name, "views": n,
+                             "augment": s.augment.model_dump(mode="json") if augmented else None})
+            sets[split_name] = FC.cached_features(
+                key, images, images.targets, n,
+                lambda view, images=images, aug=augmented: self._prefix_outputs(split, images, view, aug, transform, eval_bs))
+        t = s.train
+        self.loaders = {"train": seeded_loader(sets["train"], None, t.batch_size, self.generator, 0, False,
+                                               self.loaders["train"].sampler.weights)}
+        for split_name in ("val", "test"):
+            self.loaders[split_name] = eval_loader(sets[split_name], eval_bs, 0, False)
+        self.feature_sets = sets
+        self.forward = split.suffix
+        return True
+
+    def _batch_outputs(self, split) -> bool:
+        """The prefix gives tensors per image (not sizes or other values of the whole batch)."""
+        x, _ = self.data.train[0]
+        with torch.no_grad():
+            self.model.eval()
+            one = split.prefix(self.inputs(x[None]))
+            two = split.prefix(self.inputs(torch.stack([x, x])))
+        return all(torch.is_tensor(a) and a.shape[:1] == (1,) for a in one) and \
+            all(torch.is_tensor(b) and b.shape[:1] == (2,) for b in two)
+
+    @torch.no_grad()
+    def _prefix_outputs(self, split, images, view: int, augmented: bool, transform, batch_size: int):
+        """The prefix's outputs of every image, in order (eval mode, as the frozen groups run in
+        training), for augmentation view ``view`` (each image's transform seeded by the view)."""
+        from trainables.data.loaders import SeededView
+
+        self.model.eval()
+        if augmented:
+            seeds = torch.Generator().manual_seed(self.seed * 7919 + view)
+            keyed = SeededView(images, transform)
+            order = [(i, int(torch.randint(0, 2**62, (), generator=seeds))) for i in range(len(images))]
+            batches = (order[i : i + batch_size] for i in range(0, len(order), batch_size))
+            loader = (torch.utils.data.default_collate([keyed[key] for key in chunk]) for chunk in batches)
+        else:
+            loader = eval_loader(images, batch_size, self.num_workers, self.pin_memory)
+        for x, _ in loader:
+            with self.autocast():
+                yield tuple(o.float() if not self.amp else o for o in split.prefix(self.inputs(x)))
 
     def _new_param_groups(self, indices, joined: float) -> List[Dict[str, Any]]:
         groups = self.strategy.param_groups(self.model, indices)
@@ -161,8 +242,11 @@ class FineTuneTrial:
             g["lr"] = group_lr(cfg, g["base_lr"], g["joined"], t, total, step_t)
 
     # ------------------------------------------------------------------ the step
-    def inputs(self, x: torch.Tensor) -> torch.Tensor:
-        """A uint8 batch as the model's input: on the device, normalised with the backbone's stats."""
+    def inputs(self, x):
+        """A uint8 batch as the model's input: on the device, normalised with the backbone's stats
+        (cached prefix outputs, a tuple, only go to the device)."""
+        if isinstance(x, (tuple, list)):
+            return tuple(a.to(self.device, non_blocking=True) for a in x)
         x = x.to(self.device, non_blocking=True).float().div_(255.0)
         x = (x - self.mean) / self.std
         if self.channels_last:
@@ -179,7 +263,7 @@ class FineTuneTrial:
         if self.mix.active:
             x, target = self.mix(x, y)  # soft targets: each row sums to 1
         with self.autocast():
-            logits = self.model(x)
+            logits = self.forward(*x) if isinstance(x, tuple) else self.forward(x)
         loss = F.cross_entropy(logits.float(), target, weight=self.loss_weights,
                                label_smoothing=self.phase_cfg.train.label_smoothing)
         return loss, logits, (y if target is y else target.argmax(1))
@@ -206,6 +290,8 @@ class FineTuneTrial:
         _test_fault(self.epoch)
         self._sync_groups(self.phase_epoch)
         self.strategy.set_modes(self.model)
+        if self.feature_sets:
+            self.feature_sets["train"].use_view(self.phase_epoch - 1)
         # Sums stay on the device: no host sync per step.
         loss_sum = torch.zeros((), device=self.device)
         correct = torch.zeros((), device=self.device, dtype=torch.long)
@@ -265,7 +351,7 @@ class FineTuneTrial:
         for x, y in self.loaders[split]:
             x, y = self.inputs(x), y.to(self.device, non_blocking=True)
             with self.autocast():
-                logits = self.model(x).float()
+                logits = (self.forward(*x) if isinstance(x, tuple) else self.forward(x)).float()
             loss_sum += F.cross_entropy(logits, y, reduction="sum")
             confusion += torch.bincount(y * C + logits.argmax(1), minlength=C * C).view(C, C)
         per_class = self.phase_cfg.train.per_class_metrics or bool(self.data.reduced)
@@ -273,12 +359,39 @@ class FineTuneTrial:
                                    per_class=per_class)
 
     # ------------------------------------------------------------------ checkpoints
-    def save(self, directory: str) -> None:
-        """Everything a resumed trial needs to retrace an uninterrupted one: the model, the
-        optimizer, every component's and the strategy's state, every RNG."""
+    def _touched(self) -> set:
+        """The parameters that have been in an optimizer of this trial (so may have changed)."""
+        ids = {id(p) for g in self.optimizer.param_groups for p in g["params"]}
+        self.touched |= {n for n, p in self.model.named_parameters() if id(p) in ids}
+        return self.touched
+
+    def _frozen_digest(self, touched: set) -> str:
+        """A fingerprint of the parameters never trained: a lean checkpoint restores them from
+        their source (the pretrained weights, or the seed), and checks they are what it left."""
+        import hashlib
+
+        h = hashlib.sha256()
+        for name, p in self.model.named_parameters():
+            if name not in touched:
+                t = p.detach().double()
+                h.update(f"{name}:{tuple(p.shape)}:{float(t.sum()):.10e}:{float((t * t).sum()):.10e}".encode())
+        return h.hexdigest()
+
+    def save(self, directory: str, complete: bool = False) -> None:
+        """Everything a resumed trial needs to retrace an uninterrupted one: the weights that
+        trained and every buffer (the frozen weights come back from their source: the
+        pretrained weights or the seed), the optimizer, every component's and the strategy's
+        state, every RNG. ``complete`` saves every weight (the trial's last checkpoint, the
+        model one exports or starts another trial from)."""
+        touched = self._touched()
+        full = self.model.state_dict()
+        params = dict(self.model.named_parameters())
+        lean = {k: v for k, v in full.items() if k not in params or k in touched}
         torch.save(
             {
-                "model": self.model.state_dict(),
+                "model": full if complete else lean,
+                "touched": sorted(touched),
+                "frozen_digest": self._frozen_digest(touched),
                 "optimizer": self.optimizer.state_dict(),
                 "epoch": self.epoch,
                 "phase": self.phase_index,
@@ -300,7 +413,12 @@ class FineTuneTrial:
             raise RuntimeError(f"checkpoint {path} does not load ({type(e).__name__}: {e})") from e
         if state["phase"] != self.phase_index:
             self.enter_phase(state["phase"])
-        self.model.load_state_dict(state["model"])
+        missing, unexpected = self.model.load_state_dict(state["model"], strict=False)
+        touched = set(state.get("touched", []))
+        if unexpected or set(missing) & touched or self._frozen_digest(touched) != state["frozen_digest"]:
+            raise RuntimeError(f"checkpoint {path} does not fit this trial: its frozen weights came from other "
+                               f"weights than {self.config.model.weights!r} (or it lacks {sorted(set(missing) & touched)[:5]})")
+        self.touched = touched
         self.epoch = int(state["epoch"])
         for epoch in range(1, int(state["phase_epoch"]) + 1):  # param groups as they were, in the order they joined
             self._sync_groups(epoch)
@@ -344,8 +462,19 @@ class FineTuneTrial:
                 report(metrics, None)
                 continue
             with tempfile.TemporaryDirectory(prefix="tl-sweep-ckpt-") as d:
-                self.save(d)
+                self.save(d, complete=self.epoch == self.total_epochs)
+                metrics[M.CHECKPOINT_MB] = (Path(d) / CHECKPOINT_FILE).stat().st_size / 2**20
                 report(metrics, d)
+
+
+def _file_digest(path: str) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(Path(path).expanduser(), "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def rng_state() -> Dict[str, Any]:

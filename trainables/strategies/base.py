@@ -56,6 +56,13 @@ class Strategy:
             return float(explicit[depth])
         return self.base_lr * self.cfg.lr_decay ** depth
 
+    def frozen_prefix(self, epochs: int) -> int:
+        """How many groups, from the stem, stay frozen (and in eval mode) in every epoch of a
+        phase of ``epochs`` epochs: what the feature cache may compute once."""
+        if self.cfg.bn not in ("train", "frozen"):
+            return 0  # stats_only and bn_only change batch-norm in frozen groups
+        return min(min(self.trainable_groups(e)) for e in range(1, epochs + 1))
+
     # ------------------------------------------------------------------ hooks
     def prepare(self, model: "nn.Module") -> None:
         """Once, before the optimizer is built: wrap or replace modules (adapters, masks).
