@@ -66,7 +66,7 @@ def validate(spec_file: str, overrides: List[str], check: bool) -> None:
             from orchestrator.sweep import check_configs
             from trainables.check import check_each
 
-            problems = check_each(check_configs(spec))
+            problems = check_each(check_configs(spec))["problems"]
             if problems:
                 _fail_input("\n".join(f"{p['label'] + ': ' if p['label'] else ''}{p['key']}: {p['message']}"
                                        for p in problems))
@@ -134,7 +134,9 @@ def _summary(console: Console, out) -> bool:
     ranked = [r for r in rows if r.best is not None]
     counts = {s: sum(r.status == s for r in rows) for s in ("FINISHED", "PRUNED", "FAILED", "KILLED")}
     tally = ", ".join(f"{v} {k.lower()}" for k, v in counts.items() if v)
-    ui = f"mlflow ui --backend-store-uri {out.tracking_uri}" if out.tracking_uri.startswith("sqlite:") else f"open {out.tracking_uri}"
+    runs = f"#/experiments/{out.sweep.meta['experiment_id']}/runs"  # the runs table, not the traces page
+    ui = (f"mlflow ui --backend-store-uri {out.tracking_uri}, then open http://127.0.0.1:5000/{runs}"
+          if out.tracking_uri.startswith("sqlite:") else f"open {out.tracking_uri.rstrip('/')}/{runs}")
     if out.status == "interrupted":
         console.print(f"sweep {out.sweep_id} interrupted ({tally}); MLflow runs closed as KILLED. "
                       f"Results so far: tl-sweep show {out.sweep_id}; continue it with: tl-sweep resume {out.sweep_id}",
@@ -145,11 +147,15 @@ def _summary(console: Console, out) -> bool:
         console.print(f"sweep {out.sweep_id}: no trial reported {metric} ({tally}). "
                       f"Errors: tl-sweep show {out.sweep_id}; Ray log: {log}", markup=False)
         return True
+    from orchestrator.fmt import metric as fmt_metric
+    from orchestrator.fmt import param as fmt_param
+
     best = ranked[0]
-    values = " ".join(f"{k}={v}" for k, v in best.values.items())
+    values = " ".join(f"{k}={fmt_param(v)}" for k, v in best.values.items())
+    report = f" | report: {out.report}" if getattr(out, "report", None) else ""
     console.print(
-        f"sweep {out.sweep_id} {out.status} ({tally}): best trial {best.trial} {metric}={best.best:.4f}"
-        f"{' ' + values if values else ''} | UI: {ui} | export: tl-sweep export {out.sweep_id} --top 1 -o best.yaml",
+        f"sweep {out.sweep_id} {out.status} ({tally}): best trial {best.trial} {metric}={fmt_metric(best.best)}"
+        f"{' ' + values if values else ''} | UI: {ui}{report} | export: tl-sweep export {out.sweep_id} --top 1 -o best.yaml",
         markup=False, soft_wrap=True,
     )
     return False
@@ -447,13 +453,21 @@ def ls_(storage: str) -> None:
 @cli.command()
 @click.argument("sweep")
 @click.option("--storage", default="sweeps", show_default=True, help="Where the sweeps are: the storage.path folder, or a storage.uri (s3://...).")
-def show(sweep: str, storage: str) -> None:
+@click.option("--format", "form", type=click.Choice(["table", "csv", "json", "markdown"]), default="table",
+              show_default=True, help="csv / json / markdown for scripts and notes (exact values in json).")
+def show(sweep: str, storage: str, form: str) -> None:
     """Print the leaderboard of SWEEP (an id, a name for its latest sweep, or a folder).
 
     \b
-    Example:
+    Examples:
       tl-sweep show quickstart
+      tl-sweep show quickstart --format csv > quickstart.csv
     """
+    import csv
+    import json
+
+    from orchestrator.fmt import metric as fmt_metric
+    from orchestrator.fmt import param as fmt_param
     from orchestrator.results import leaderboard
     from orchestrator.sweepdir import InputError, find_sweep
 
@@ -463,14 +477,105 @@ def show(sweep: str, storage: str) -> None:
         _fail_input(str(e))
     meta = found.meta
     rows = leaderboard(found)
-    t = Table(title=f"{meta['id']} ({meta.get('status')}) - best {meta['metric']} ({meta['mode']})")
-    for col in ["rank", "trial", *meta.get("varying", []), f"best {meta['metric']}", "epochs", "status", M.TEST_ACC]:
-        t.add_column(col)
+    columns = ["rank", "trial", *meta.get("varying", []), f"best {meta['metric']}", "epochs", "status", M.TEST_ACC]
+    records = []
     for i, r in enumerate(rows, 1):
         status = r.status if not r.error else f"{r.status}: {r.error.splitlines()[-1][:80]}"
-        t.add_row(str(i), r.trial, *r.values.values(), "-" if r.best is None else f"{r.best:.4f}",
-                  str(r.epochs), status, "-" if r.test_acc is None else f"{r.test_acc:.4f}")
-    Console(width=200).print(t)
+        records.append(dict(zip(columns, [i, r.trial, *r.values.values(), r.best, r.epochs, status, r.test_acc])))
+    if form == "json":
+        click.echo(json.dumps({"sweep": meta["id"], "status": meta.get("status"), "metric": meta["metric"],
+                               "mode": meta["mode"], "trials": records}, indent=2))
+        return
+    best_col = f"best {meta['metric']}"
+    shown = [{k: ("-" if v is None else fmt_metric(v) if k in (best_col, M.TEST_ACC) else
+                  fmt_param(v) if k in meta.get("varying", []) else v) for k, v in rec.items()} for rec in records]
+    if form == "csv":
+        w = csv.DictWriter(sys.stdout, fieldnames=columns)
+        w.writeheader()
+        w.writerows(shown)
+    elif form == "markdown":
+        click.echo("| " + " | ".join(columns) + " |")
+        click.echo("|" + "---|" * len(columns))
+        for rec in shown:
+            click.echo("| " + " | ".join(str(rec[c]).replace("|", "/") for c in columns) + " |")
+    else:
+        t = Table(title=f"{meta['id']} ({meta.get('status')}) - best {meta['metric']} ({meta['mode']})")
+        for col in columns:
+            t.add_column(col)
+        for rec in shown:
+            t.add_row(*[str(rec[c]) for c in columns])
+        Console(width=200).print(t)
+
+
+@cli.command()
+@click.argument("sweeps", nargs=-1, required=True)
+@click.option("-o", "--output", type=click.Path(file_okay=False), default=None,
+              help="The folder for report.html and the figures (default: reports/<sweep>).")
+@click.option("--storage", default="sweeps", show_default=True, help="Where the sweeps are: the storage.path folder, or a storage.uri (s3://...).")
+@click.option("--no-errors", is_flag=True, help="Leave out the best trial's confusion matrix and worst images (they load its model and data).")
+def report(sweeps: List[str], output: Optional[str], storage: str, no_errors: bool) -> None:
+    """Write a report of SWEEP (or of several side by side): HTML, one PNG per figure.
+
+    Leaderboard, the study's own plot (the metric against what the study varies, mean and
+    spread over replicates), learning curves, parallel coordinates, parameter importance
+    (fANOVA, PED-ANOVA), the best trial's confusion matrix and worst-classified images,
+    resources. A single sweep's report is also logged to its MLflow parent run.
+
+    \b
+    Examples:
+      tl-sweep report quickstart
+      tl-sweep report strategy1 strategy2 -o reports/s1-vs-s2
+    """
+    from orchestrator import report as R
+    from orchestrator.sweepdir import InputError, find_sweep
+
+    try:
+        found = [find_sweep(s, storage) for s in sweeps]
+    except InputError as e:
+        _fail_input(str(e))
+    datas = [R.collect(f) for f in found]
+    out = Path(output or Path("reports") / "-vs-".join(f.id for f in found))
+    R.write(datas, out, errors=not no_errors)
+    if len(found) == 1:
+        from orchestrator.tracking import client_for
+
+        R.log_to_parent(client_for(found[0].meta["tracking_uri"]), found[0], out)
+    click.echo(f"wrote {out / 'report.html'}" + (" (also in the sweep's MLflow parent run, under report/)" if len(found) == 1 else ""))
+
+
+@cli.command()
+@click.argument("sweep")
+@click.option("--storage", default="sweeps", show_default=True, help="Where the sweeps are: the storage.path folder, or a storage.uri (s3://...).")
+@click.option("--to", "url", metavar="URL", default=None,
+              help="An Optuna RDB storage URL to copy the study into (default: optuna.db in the sweep's folder).")
+def study(sweep: str, storage: str, url: Optional[str]) -> None:
+    """Keep SWEEP's Optuna study in an Optuna storage and print how to open it.
+
+    Every sweep does this when it ends (optuna.db beside its log); this writes it again, or into
+    another storage (a study of the sweep's id there is replaced).
+
+    \b
+    Examples:
+      tl-sweep study quickstart && optuna-dashboard sqlite:///sweeps/<sweep id>/optuna.db
+      tl-sweep study strategy1 --to postgresql://optuna@db.example.org/studies
+    """
+    from orchestrator.secrets import redact
+    from orchestrator.sweep import keep_study
+    from orchestrator.sweepdir import InputError, find_sweep
+
+    try:
+        found = find_sweep(sweep, storage)
+    except InputError as e:
+        _fail_input(str(e))
+    try:
+        kept = keep_study(found, url)
+    except Exception as e:  # noqa: BLE001 (an URL Optuna cannot open)
+        _fail_input(f"--to: Optuna could not write the study to {redact(url or '')}: {redact(str(e))}")
+    if kept is None:
+        _fail_input(f"sweep {found.id} has no saved Optuna study (its driver saved no searcher state yet)"
+                    + ("" if url else "; with storage.uri, give --to URL"))
+    click.echo(f"study {found.id} in {redact(kept)} ({len(found.meta.get('varying', []))} searched key(s)); "
+               f"open it with: optuna-dashboard {redact(kept)}")
 
 
 @cli.command()
@@ -478,20 +583,36 @@ def show(sweep: str, storage: str) -> None:
 @click.option("--top", default=1, show_default=True, type=click.IntRange(min=1), help="How many of the best trials.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), default=None, help="Write here (default: stdout).")
 @click.option("--storage", default="sweeps", show_default=True, help="Where the sweeps are: the storage.path folder, or a storage.uri (s3://...).")
-def export(sweep: str, top: int, output: Optional[str], storage: str) -> None:
+@click.option("--register", "register_as", metavar="NAME", default=None,
+              help="Also put the best trial's model in the MLflow Model Registry under NAME (a new version if NAME exists).")
+def export(sweep: str, top: int, output: Optional[str], storage: str, register_as: Optional[str]) -> None:
     """Write the top K configs of SWEEP as specs that re-run as is (search removed).
 
     \b
     Example:
       tl-sweep export quickstart --top 1 -o best.yaml && tl-sweep run best.yaml
+      tl-sweep export quickstart -o best.yaml --register pets-classifier
     """
     from orchestrator.results import export_best
     from orchestrator.sweepdir import InputError, find_sweep
 
     try:
-        text = export_best(find_sweep(sweep, storage), top)
+        found = find_sweep(sweep, storage)
+        text = export_best(found, top)
+        if register_as is not None and not register_as.strip():
+            raise InputError("--register: give the registered model a name, e.g. --register pets-classifier")
     except InputError as e:
         _fail_input(str(e))
+    if register_as:
+        from orchestrator.bestmodel import register
+
+        try:
+            version = register(found, register_as.strip())
+        except InputError as e:
+            _fail_input(str(e))
+        # to stderr when the spec goes to stdout, so that the YAML stays clean
+        click.echo(f"registered the best trial's model as {version.name} version {version.version} "
+                   f"(models:/{version.name}/{version.version})", err=not output)
     if output:
         Path(output).write_text(text)
         click.echo(f"wrote {output}; run it with: tl-sweep run {output}")
@@ -501,6 +622,8 @@ def export(sweep: str, top: int, output: Optional[str], storage: str) -> None:
 
 def main() -> None:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    # MLflow prints a "View run" link whenever a run on a server ends; the summary line gives the runs table
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     cli()
 
 

@@ -8,15 +8,16 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
+from orchestrator.fmt import metric as metric_text
+from orchestrator.fmt import num
 from orchestrator.spec import get_path
-from orchestrator.tracking import DriverCallback, short_error, trial_error_text, trial_outcome
+from orchestrator.tracking import DriverCallback, on_ctrl_c, short_error, trial_error_text, trial_outcome
 from trainables import metrics as M
 
 
 def fmt(v: Any) -> str:
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    return str(v)
+    """A metric to four significant digits."""
+    return metric_text(v) if isinstance(v, float) else str(v)
 
 
 class Printer:
@@ -39,6 +40,7 @@ class LiveTable(DriverCallback):
         self.best: Optional[float] = None
         self.best_trial: Optional[str] = None
         self._live: Optional[Live] = None
+        self.interrupted = False
 
     @property
     def printer(self) -> Printer:
@@ -64,7 +66,7 @@ class LiveTable(DriverCallback):
         for col in ["trial", *self.varying, "status", "epoch", self.metric, "best"]:
             t.add_column(col)
         for tid, r in self.rows.items():
-            t.add_row(tid, *[fmt(r["values"].get(k, "")) for k in self.varying], r["status"],
+            t.add_row(tid, *[num(r["values"].get(k, "")) for k in self.varying], r["status"],
                       fmt(r.get("epoch", "")), fmt(r.get("last", "")), fmt(r.get("best", "")))
         return t
 
@@ -75,6 +77,7 @@ class LiveTable(DriverCallback):
             self.printer.line(f"[{tid}] {text}")
 
     def setup(self, **info):
+        on_ctrl_c(lambda: setattr(self, "interrupted", True))
         if self.printer.console.is_terminal:
             self._live = Live(self.table(), console=self.printer.console, refresh_per_second=4)
             self._live.start()
@@ -88,7 +91,7 @@ class LiveTable(DriverCallback):
     def on_trial_start(self, iteration, trials, trial, **info):
         row = self._row(trial)
         row["status"] = "RUNNING"
-        self._event(trial.trial_id, "start " + " ".join(f"{k}={fmt(v)}" for k, v in row["values"].items()))
+        self._event(trial.trial_id, "start " + " ".join(f"{k}={num(v)}" for k, v in row["values"].items()))
 
     def _row(self, trial) -> Dict[str, Any]:
         self._known()[trial.trial_id] = trial
@@ -108,7 +111,11 @@ class LiveTable(DriverCallback):
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         row = self._row(trial)
-        row["status"] = trial_outcome(trial, int(row.get("epoch") or 0))
+        outcome = trial_outcome(trial, int(row.get("epoch") or 0))
+        if self.interrupted and outcome == "pruned":
+            row["status"] = "STOPPED"
+            return
+        row["status"] = outcome
         self._event(trial.trial_id, f"{row['status']} after {row.get('epoch')} epoch(s)")
 
     def on_trial_error(self, iteration, trials, trial, **info):

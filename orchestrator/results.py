@@ -8,7 +8,7 @@ from typing import Dict, List, Optional
 import yaml
 
 from orchestrator.sweepdir import InputError, Sweep
-from orchestrator.tracking import TAG_ERROR, TAG_PRUNED, TAG_TRIAL, client_for
+from orchestrator.tracking import TAG_BEST, TAG_EPOCHS, TAG_ERROR, TAG_PRUNED, TAG_TRIAL, client_for
 from trainables import metrics as M
 
 
@@ -46,13 +46,15 @@ def leaderboard(sweep: Sweep) -> List[Row]:
             run_id=r.info.run_id,
             values={k: r.data.params.get(k, "") for k in meta.get("varying", [])},
             best=best,
-            epochs=int(r.data.metrics.get(M.EPOCH, 0)),
+            epochs=int(r.data.tags.get(TAG_EPOCHS, 0)),
             status=status,
             test_acc=r.data.metrics.get(M.TEST_ACC),
             error=r.data.tags.get(TAG_ERROR, ""),
         ))
     sign = -1 if mode == "max" else 1
-    rows.sort(key=lambda row: (row.best is None, sign * (row.best or 0.0)))
+    # a tie goes to the trial the sweep marked best (its checkpoint and model are logged)
+    marked = {r.info.run_id for r in runs if r.data.tags.get(TAG_BEST) == "true"}
+    rows.sort(key=lambda row: (row.best is None, sign * (row.best or 0.0), row.run_id not in marked))
     return rows
 
 

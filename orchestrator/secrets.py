@@ -29,13 +29,13 @@ def redact(text: str) -> str:
 
     def one(m: "re.Match[str]") -> str:
         parts = urlsplit(m.group(0))
-        if parts.password is not None or parts.username:
-            user = parts.username or ""
-            host = parts.hostname or ""
-            netloc = (f"{user}:***@" if parts.password is not None else "***@") + host
-            netloc += f":{parts.port}" if parts.port else ""
-            parts = parts._replace(netloc=netloc)
-        return urlunsplit(parts)
+        if parts.password is None and not parts.username:
+            return m.group(0)  # nothing to hide; urlunsplit would also fold sqlite://// to sqlite://
+        user = parts.username or ""
+        host = parts.hostname or ""
+        netloc = (f"{user}:***@" if parts.password is not None else "***@") + host
+        netloc += f":{parts.port}" if parts.port else ""
+        return urlunsplit(parts._replace(netloc=netloc))
 
     text = _URI.sub(one, text)
     text = re.sub(r"(?i)((?:token|password|secret|access_key|api_key)[^=&\s]*=)[^&\s'\"]+", r"\1***", text)

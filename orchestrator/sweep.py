@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import datetime as dt
+import json
 import logging
 import os
 import shutil
@@ -33,7 +34,7 @@ from orchestrator.sweepdir import (
 )
 from orchestrator.tracking import (
     TAG_BEST, TAG_ROLE, TAG_SWEEP, MlflowTracker, client_for, ensure_experiment, find_child_run, log_params,
-    resolve_tracking_uri, terminate,
+    resolve_tracking_uri, source_tags, terminate,
 )
 
 
@@ -42,6 +43,7 @@ class SweepOutcome:
     sweep: Sweep
     tracking_uri: str
     status: str
+    report: Optional[Path] = None
 
     @property
     def sweep_id(self) -> str:
@@ -79,13 +81,36 @@ def run_checks(spec: Spec) -> None:
 
     task = ray.remote(check_each).options(num_cpus=spec.resources.cpu, resources=dict(spec.resources.custom) or None,
                                           max_retries=0)
-    problems = ray.get(task.remote(check_configs(spec)))
+    result = ray.get(task.remote(check_configs(spec)))
+    problems = result["problems"]
     if problems:
         lines = []
         for p in problems:
             where = f"{p['label']}: " if p["label"] else ""
             lines.append(f"{where}{p['key']}: {p['message']}")
         raise InputError("\n".join(dict.fromkeys(lines)))
+    return {json.dumps(f["data"]["source"], sort_keys=True): f["data"] for f in result["found"] if f.get("data")}
+
+
+def dataset_input(info: Dict[str, Any]):
+    """A data set as an MLflow run input: name, digest, the config it was read with, split sizes."""
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    profile = json.dumps({"splits": info["splits"], "classes": info["classes"]})
+    return DatasetInput(Dataset(name=info["name"], digest=info["digest"], source_type="tl-sweep",
+                                source=json.dumps(info["source"], sort_keys=True), profile=profile),
+                        tags=[InputTag("mlflow.data.context", "training")])
+
+
+def datasets_of(found: Dict[str, Dict[str, Any]]):
+    """The MLflow input of a trial's data set, looked up by its data config."""
+
+    def lookup(config: Dict[str, Any]):
+        source = {k: v for k, v in config["data"].items() if k not in ("num_workers", "cache")}
+        info = found.get(json.dumps(source, sort_keys=True))
+        return dataset_input(info) if info else None
+
+    return lookup
 
 
 # --------------------------------------------------------------------------- helpers
@@ -145,10 +170,12 @@ def init_ray(address: Optional[str], log_file: Path) -> Dict[str, float]:
 
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
-    # Tune's experiment state (which trials ended, the searcher) is saved at most this often: a
-    # driver that dies loses at most the last second of it (a trial that ended in it starts
-    # again only to report its final checkpoint)
+    # Tune's experiment state (the trials' progress, the searcher) is saved at least this often,
+    # and as each trial ends (tuning.save_state_now): a driver that dies loses at most the last
+    # second of progress, which the trials' checkpoints carry anyway
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
+    # saving as each trial ends is by design: no warning when trials end a few seconds apart
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     kwargs: Dict[str, Any] = dict(log_to_driver=False, configure_logging=False, ignore_reinit_error=True)
     addr = address or os.environ.get("RAY_ADDRESS")
     with _stderr_to(log_file):
@@ -347,7 +374,7 @@ def run_sweep(spec: Spec, raw: Dict[str, Any], *, address: Optional[str] = None,
             printer.line("note: with Ray Client (ray://) Tune runs the sweep on the head node, so the live table "
                          "shows there; follow the trials in MLflow or with tl-sweep show. To run the driver on the "
                          "cluster and detach, use tl-sweep submit.")
-        run_checks(spec)
+        found = run_checks(spec)
         note = storage_note(spec, nodes)
         if note:
             printer.line(note)
@@ -361,8 +388,10 @@ def run_sweep(spec: Spec, raw: Dict[str, Any], *, address: Optional[str] = None,
         created.store = store
         client = client_for(uri)
         exp_id = ensure_experiment(client, spec.tracking.experiment or spec.name, str(root), uri.startswith("sqlite:"))
-        parent = client.create_run(exp_id, run_name=sweep_id, tags={TAG_SWEEP: sweep_id, TAG_ROLE: "sweep",
-                                                                    "tl_sweep.varying": ",".join(searched)})
+        tags = {TAG_SWEEP: sweep_id, TAG_ROLE: "sweep", "tl_sweep.varying": ",".join(searched), **source_tags(_source())}
+        if spec.description:
+            tags["mlflow.note.content"] = spec.description
+        parent = client.create_run(exp_id, run_name=sweep_id, tags=tags)
         created.run = (client, parent.info.run_id)
         meta = {
             "id": sweep_id, "name": spec.name, "created": dt.datetime.now().isoformat(timespec="seconds"),
@@ -376,10 +405,14 @@ def run_sweep(spec: Spec, raw: Dict[str, Any], *, address: Optional[str] = None,
         sweep.save()
         if spec.storage.uri:
             (local / POINTER_FILE).write_text(_pointer(spec.storage.uri, sweep_id))
-        log_params(client, parent.info.run_id, {"spec": spec.model_dump(mode="json")})
+        log_params(client, parent.info.run_id, spec_params(spec))
         client.log_text(parent.info.run_id, yaml.safe_dump(raw, sort_keys=False), SPEC_FILE)
+        base_data = datasets_of(found)(spec.trial_config())
+        if base_data is not None:
+            client.log_inputs(parent.info.run_id, datasets=[base_data])
         tracker = MlflowTracker(uri, exp_id, parent.info.run_id, sweep_id,
-                                trial_spec=lambda cfg: trial_spec_yaml(raw, searched, cfg), broker=broker)
+                                trial_spec=lambda cfg: trial_spec_yaml(raw, searched, cfg), broker=broker,
+                                varying=searched, source=_source(), datasets=datasets_of(found))
         live = LiveTable(printer, searched, spec.search.metric, spec.search.mode)
         tuner = _tuner(spec, store, [tracker, live], broker)
     except BaseException:
@@ -401,6 +434,37 @@ def check_tracking(uri: str) -> None:
             "(--tracking-uri, MLFLOW_TRACKING_URI or tracking.uri) and, for a server with authentication, "
             "MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD."
         ) from None
+
+
+def _source() -> str:
+    """JOB for a sweep whose driver runs as a Ray Job (tl-sweep submit), else LOCAL."""
+    return "JOB" if os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") else "LOCAL"
+
+
+def spec_params(spec: Spec) -> Dict[str, Any]:
+    """The spec as the parent run's params: its effective values only (no None, no empty
+    section, no field that does not apply), each searched field as its distribution."""
+    from trainables.config import applicable
+
+    trial = applicable(spec.trial_config())
+    trial.pop("seed", None)
+    trial.pop("trial_index", None)
+    for key, d in spec.search.space.items():
+        trial[key] = f"{d.kind}{list(d.args)}"
+    sweep = spec.model_dump(mode="json", include={"name", "description", "search", "resources", "failure", "tracking",
+                                                  "storage"})
+    sweep["search"].pop("space", None)
+    flat: Dict[str, Any] = {}
+
+    def walk(d: Dict[str, Any], prefix: str) -> None:
+        for k, v in d.items():
+            if isinstance(v, dict):
+                walk(v, f"{prefix}{k}.")
+            elif v is not None and v != [] and v != {}:
+                flat[f"{prefix}{k}"] = v
+
+    walk(sweep, "")
+    return {f"spec.{k}": v for k, v in {**flat, **trial}.items()}
 
 
 def _pointer(storage_uri: str, sweep_id: str) -> str:
@@ -451,7 +515,8 @@ def resume_sweep(sweep: Sweep, *, address: Optional[str] = None, storage_path: s
         raise
     searched = list(spec.search.space)
     tracker = MlflowTracker(meta["tracking_uri"], meta["experiment_id"], meta["parent_run_id"], sweep.id,
-                            trial_spec=lambda cfg: trial_spec_yaml(raw, searched, cfg), broker=broker)
+                            trial_spec=lambda cfg: trial_spec_yaml(raw, searched, cfg), broker=broker,
+                            varying=searched, source=_source())
     live = LiveTable(printer, searched, spec.search.metric, spec.search.mode)
     internal = _restored(tuner)
     internal.get_run_config().callbacks = [tracker, live]
@@ -520,7 +585,9 @@ def _drive(tuner, tracker: MlflowTracker, live, sweep: Sweep, client, spec: Spec
         grid = tuner.fit()
         # After Ctrl-C Tune returns normally, with trials unfinished or never created. The
         # result grid says so in every mode (with Ray Client the callbacks run on the head).
-        status = "interrupted" if grid.num_terminated + grid.num_errors < meta["num_trials"] else "finished"
+        # Tune stops every trial on Ctrl-C (they all count as terminated): the tracker saw it.
+        ended = grid.num_terminated + grid.num_errors
+        status = "interrupted" if tracker.interrupted or live.interrupted or ended < meta["num_trials"] else "finished"
     except KeyboardInterrupt:
         status = "interrupted"
     finally:
@@ -531,8 +598,120 @@ def _drive(tuner, tracker: MlflowTracker, live, sweep: Sweep, client, spec: Spec
         live.stop()
     if grid is not None and status == "finished":
         _log_best_checkpoint(client, meta, grid, spec)
+    _shutdown(None)  # Ray's processes go; the log stays open for what follows
+    summarize(client, sweep)
+    report = None
+    if status == "finished":
+        best = _log_best_model(sweep)
+        report = write_report(client, sweep, best)
     _shutdown(handler)
-    return SweepOutcome(sweep, meta["tracking_uri"], status)
+    return SweepOutcome(sweep, meta["tracking_uri"], status, report)
+
+
+def _log_best_model(sweep: Sweep):
+    """The best trial's model as an MLflow logged model (orchestrator/bestmodel.py); returns it
+    rebuilt, for the report. A model that cannot be rebuilt here is noted, the sweep stands."""
+    from orchestrator import bestmodel
+
+    try:
+        best = bestmodel.load_best(sweep)
+        if best is not None:
+            bestmodel.log_model(sweep, best)
+        return best
+    except Exception as e:  # noqa: BLE001
+        logging.getLogger("ray").warning("the best trial's model was not logged: %s", redact(repr(e)))
+        return None
+
+
+def write_report(client, sweep: Sweep, best=None) -> Optional[Path]:
+    """The sweep's report (orchestrator/report.py) in its local folder and its parent run; a
+    report that cannot be made is noted in the log, the sweep stands."""
+    from orchestrator import report as R
+
+    out = (sweep.local or Path(tempfile.mkdtemp(prefix="tl-sweep-report-"))) / "report"
+    try:
+        R.write([R.collect(sweep)], out, best=best)
+        R.log_to_parent(client, sweep, out)
+        keep_study(sweep)
+    except Exception as e:  # noqa: BLE001 (a figure must not fail the sweep it describes)
+        logging.getLogger("ray").warning("the sweep's report was not made: %s", redact(repr(e)))
+        return None
+    return out / "report.html"
+
+
+def keep_study(sweep: Sweep, url: Optional[str] = None) -> Optional[str]:
+    """The sweep's Optuna study (every trial, its values, distributions and state), copied from
+    the searcher's saved state into an Optuna storage, so that optuna-dashboard and Optuna's
+    own API open it: ``url`` (an RDB URL), by default ``optuna.db`` beside the sweep's log
+    (``optuna-dashboard sqlite:///<that file>``). A study of that name already there is
+    replaced. Returns the URL, None when the sweep has no saved study."""
+    import pickle
+
+    import optuna
+    import pyarrow.fs as pafs
+
+    tune = sweep.store.child(TUNE_DIR)
+    try:
+        names = [i.base_name for i in tune.fs.get_file_info(pafs.FileSelector(tune.path)) if
+                 i.base_name.startswith("searcher-state-")]
+    except FileNotFoundError:
+        names = []
+    if not names or (url is None and sweep.local is None):
+        return None
+    state = pickle.loads(tune.read_bytes(sorted(names)[-1]))  # written by this sweep's own driver
+    study = state["_ot_study"]
+    if url is None:
+        target = sweep.local / "optuna.db"
+        target.unlink(missing_ok=True)
+        url = f"sqlite:///{target}"
+    level = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        storage = optuna.storages.RDBStorage(url)
+        if sweep.id in {s.study_name for s in storage.get_all_studies()}:
+            optuna.delete_study(study_name=sweep.id, storage=storage)
+        copy = optuna.create_study(storage=storage, study_name=sweep.id, directions=study.directions)
+        copy.add_trials([_spec_keys(t) for t in study.trials])
+        copy.set_user_attr("sweep", sweep.id)
+        copy.set_user_attr("metric", sweep.meta["metric"])
+    finally:
+        optuna.logging.set_verbosity(level)
+    return url
+
+
+def _spec_keys(trial):
+    """A searcher's trial with its params named as the spec names them (``train.lr``; Ray's
+    searcher flattens the nested config as ``train/lr``)."""
+    import copy
+
+    renamed = copy.deepcopy(trial)
+    renamed.params = {k.replace("/", "."): v for k, v in trial.params.items()}
+    renamed.distributions = {k.replace("/", "."): v for k, v in trial.distributions.items()}
+    return renamed
+
+
+def summarize(client, sweep: Sweep) -> None:
+    """What the experiment table shows of a sweep without opening it: on the parent run, the
+    best value of the metric, the best trial and the values it chose, and best.yaml (the spec
+    that re-runs it)."""
+    from mlflow.entities import Metric, Param, RunTag
+
+    from orchestrator.results import export_best, leaderboard
+
+    meta = sweep.meta
+    ranked = [r for r in leaderboard(sweep) if r.best is not None]
+    if not ranked:
+        return
+    best = ranked[0]
+    run = client.get_run(best.run_id)
+    existing = client.get_run(meta["parent_run_id"]).data.params
+    params = [Param(f"best.{k}", v) for k, v in best.values.items() if f"best.{k}" not in existing]
+    import time
+
+    client.log_batch(meta["parent_run_id"], metrics=[Metric(f"best/{meta['metric']}", best.best, int(time.time() * 1000), 0)],
+                     params=params, tags=[RunTag("tl_sweep.best_trial", run.info.run_name),
+                                          RunTag("tl_sweep.best_run_id", best.run_id)])
+    client.log_text(meta["parent_run_id"], export_best(sweep, 1), "best.yaml")
 
 
 def _log_best_checkpoint(client, meta: Dict[str, Any], grid, spec: Spec) -> None:
@@ -554,11 +733,12 @@ def _log_best_checkpoint(client, meta: Dict[str, Any], grid, spec: Spec) -> None
         logging.getLogger("ray").warning("the best trial's checkpoint could not be logged: %s", redact(str(e)))
 
 
-def _shutdown(handler: logging.Handler) -> None:
+def _shutdown(handler: Optional[logging.Handler]) -> None:
     try:
         import ray
 
         ray.shutdown()
     except Exception:
         pass
-    handler.close()
+    if handler is not None:
+        handler.close()

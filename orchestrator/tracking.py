@@ -19,7 +19,7 @@ from ray.tune import Callback
 
 from orchestrator.secrets import SECRET_ENV, is_secret, redact, strip_credentials
 from trainables import metrics as M
-from trainables.config import TrialConfig, done
+from trainables.config import applicable, done
 
 TAG_SWEEP = "tl_sweep.sweep_id"
 TAG_TRIAL = "tl_sweep.trial_id"  # the Ray Tune trial that ran (or last carried on) the child run
@@ -32,6 +32,8 @@ TAG_NODE = "tl_sweep.node_id"
 TAG_RETRIES = "tl_sweep.retries"
 TAG_BEST = "tl_sweep.best"
 TAG_STARTS = "tl_sweep.starts"
+TAG_STATUS = "tl_sweep.status"  # finished | pruned | failed | stopped
+TAG_EPOCHS = "tl_sweep.epochs"  # epochs run (the metrics' step is the epoch: no epoch metric)
 
 
 class DriverCallback(Callback):
@@ -107,9 +109,53 @@ def log_params(client, run_id: str, params: Dict[str, Any]) -> None:
 
 
 def metric_items(result: Dict[str, Any]) -> Dict[str, float]:
-    """The trainable's own metrics (namespaced keys, epoch, images_per_s), not Ray's bookkeeping."""
+    """The trainable's own metrics (namespaced keys, images_per_s), not Ray's bookkeeping; not
+    the epoch either: it is every metric's step."""
     return {k: float(v) for k, v in result.items()
-            if M.is_trial_metric(k) and isinstance(v, (int, float)) and not isinstance(v, bool)}
+            if M.is_trial_metric(k) and k != M.EPOCH and isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def source_tags(kind: str) -> Dict[str, str]:
+    """Who and what made a run, where the MLflow UI looks for them."""
+    import getpass
+
+    try:
+        user = getpass.getuser()
+    except Exception:  # no user name in a container without one
+        user = "unknown"
+    return {"mlflow.user": user, "mlflow.source.name": "tl-sweep", "mlflow.source.type": kind}
+
+
+def run_name(config: Dict[str, Any], varying: List[str], trial_id: str) -> str:
+    """A child run's name: the values it varies, short (``l=4 lr=3.2e-4``)."""
+    from orchestrator.fmt import num, short
+    from orchestrator.spec import get_path
+
+    parts = [f"{short(k)}={num(get_path(config, k, ''))}" for k in varying]
+    return " ".join(parts) if parts else f"trial-{trial_id}"
+
+
+def on_ctrl_c(mark: Callable[[], None]) -> None:
+    """For a callback's setup: Tune has just put in its Ctrl-C handler (stop the loop, save the
+    experiment state, then stop every trial, each through on_trial_complete). Wrapped, so that
+    the callback tells those stops from trials that ended: an interrupted trial stays
+    resumable, not pruned. With Ray Client the loop runs on the head (not its main thread) and
+    Ctrl-C reaches the driver as KeyboardInterrupt."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+    tune_handler = signal.getsignal(signal.SIGINT)
+
+    def interrupt(signum, frame):
+        mark()
+        if callable(tune_handler):
+            tune_handler(signum, frame)
+        else:
+            raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, interrupt)
 
 
 def trial_outcome(trial, epochs_run: int) -> str:
@@ -123,16 +169,23 @@ class MlflowTracker(DriverCallback):
     driver_only = ("_client",)
 
     def __init__(self, uri: str, experiment_id: str, parent_run_id: str, sweep_id: str,
-                 trial_spec: Callable[[Dict[str, Any]], str], broker: Optional[str] = None):
+                 trial_spec: Callable[[Dict[str, Any]], str], broker: Optional[str] = None,
+                 varying: Optional[List[str]] = None, source: str = "LOCAL",
+                 datasets: Optional[Callable[[Dict[str, Any]], Any]] = None):
         self.uri, self.experiment_id = uri, experiment_id
         self.parent_run_id, self.sweep_id = parent_run_id, sweep_id
         self.trial_spec, self.broker = trial_spec, broker
+        self.varying, self.source, self.datasets = list(varying or []), source, datasets
         self.runs: Dict[str, str] = {}
         self.closed: Dict[str, str] = {}
         self.logged_epoch: Dict[str, int] = {}
         self.nodes: Dict[str, str] = {}
         self.starts: Dict[str, int] = {}
+        self.interrupted = False
         self._client = None
+
+    def setup(self, **info):
+        on_ctrl_c(lambda: setattr(self, "interrupted", True))
 
     @property
     def client(self):
@@ -159,7 +212,7 @@ class MlflowTracker(DriverCallback):
         found = find_child_run(self.client, self.experiment_id, self.parent_run_id, index)
         if found:
             run_id = found[0].info.run_id
-            self.logged_epoch[tid] = int(found[0].data.metrics.get(M.EPOCH, 0))
+            self.logged_epoch[tid] = int(found[0].data.tags.get(TAG_EPOCHS, 0))
             self.starts[tid] = int(found[0].data.tags.get(TAG_STARTS, 0))
             if found[0].data.tags.get(TAG_TRIAL) != tid:
                 self.client.set_tag(run_id, TAG_TRIAL, tid)
@@ -168,13 +221,16 @@ class MlflowTracker(DriverCallback):
         else:
             run = self.client.create_run(
                 self.experiment_id,
-                run_name=f"trial-{tid}",
+                run_name=run_name(trial.config, self.varying, tid),
                 tags={"mlflow.parentRunId": self.parent_run_id, TAG_TRIAL: tid, TAG_INDEX: index,
-                      TAG_SWEEP: self.sweep_id, TAG_ROLE: "trial"},
+                      TAG_SWEEP: self.sweep_id, TAG_ROLE: "trial", TAG_STATUS: "running", **source_tags(self.source)},
             )
             run_id = run.info.run_id
-            log_params(self.client, run_id, dict(trial.config, seed=TrialConfig.parse(trial.config).seed))
+            log_params(self.client, run_id, applicable(trial.config, keep=self.varying))
             self.client.log_text(run_id, redact(self.trial_spec(trial.config)), "trial_spec.yaml")
+            dataset = self.datasets(trial.config) if self.datasets else None
+            if dataset is not None:
+                self.client.log_inputs(run_id, datasets=[dataset])
         self.runs[tid] = run_id
         return run_id
 
@@ -194,7 +250,7 @@ class MlflowTracker(DriverCallback):
         self.client.set_tag(run_id, TAG_STARTS, str(starts))
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        from mlflow.entities import Metric
+        from mlflow.entities import Metric, RunTag
 
         step = int(result.get(M.EPOCH, result.get("training_iteration", 0)))
         run_id = self.run_for(trial)
@@ -203,8 +259,7 @@ class MlflowTracker(DriverCallback):
         self.logged_epoch[trial.trial_id] = step
         now = int(time.time() * 1000)
         metrics = [Metric(k, v, now, step) for k, v in metric_items(result).items()]
-        if metrics:
-            self.client.log_batch(run_id, metrics=metrics)
+        self.client.log_batch(run_id, metrics=metrics, tags=[RunTag(TAG_EPOCHS, str(step))])
         node = result.get(M.NODE_ID)
         if node and self.nodes.get(trial.trial_id) != node:  # the node a (restarted) trial runs on
             self.nodes[trial.trial_id] = node
@@ -212,15 +267,18 @@ class MlflowTracker(DriverCallback):
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         last = trial.last_result or {}
-        self.run_for(trial)
         epochs = max(int(last.get(M.EPOCH, 0)), self.logged_epoch.get(trial.trial_id, 0))
-        if trial_outcome(trial, epochs) == "pruned":
-            self._close(trial, "KILLED", {TAG_PRUNED: "true"})
+        stopped = trial_outcome(trial, epochs) == "pruned"
+        if self.interrupted and stopped:
+            return  # stopped by Ctrl-C, not by the scheduler: close_open_runs closes it as stopped
+        self.run_for(trial)
+        if stopped:
+            self._close(trial, "KILLED", {TAG_PRUNED: "true", TAG_STATUS: "pruned"})
         else:
-            self._close(trial, "FINISHED", {TAG_PRUNED: "false"})
+            self._close(trial, "FINISHED", {TAG_PRUNED: "false", TAG_STATUS: "finished"})
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        self._close(trial, "FAILED", {TAG_ERROR: redact(trial_error_text(trial))[-4000:]})
+        self._close(trial, "FAILED", {TAG_ERROR: redact(trial_error_text(trial))[-4000:], TAG_STATUS: "failed"})
 
     def on_trial_recover(self, iteration, trials, trial, **info):
         # The trial restarts from its last checkpoint (failure.max_retries): same child run.
@@ -231,12 +289,13 @@ class MlflowTracker(DriverCallback):
         whose trial a resumed sweep never took up again (tagged lost)."""
         for trial in trials:
             if trial.trial_id in self.runs and trial.trial_id not in self.closed:
-                self._close(trial, status)
+                self._close(trial, status, {TAG_STATUS: "stopped"})
         indexes = {str(t.config.get("trial_index")) for t in trials}
         for run in self.client.search_runs([self.experiment_id], max_results=10000, filter_string=(
                 f"tags.`mlflow.parentRunId` = '{self.parent_run_id}' and attributes.status = 'RUNNING'")):
             if trials and run.data.tags.get(TAG_INDEX) not in indexes:
                 self.client.set_tag(run.info.run_id, TAG_LOST, "true")
+            self.client.set_tag(run.info.run_id, TAG_STATUS, "stopped")
             terminate(self.client, run.info.run_id, status)
 
 

@@ -77,13 +77,35 @@ def search_algorithm(spec: Spec):
                        points_to_evaluate=points or None)
 
 
-def trial_scheduler(spec: Spec, store=None):
-    """FIFO, or ASHA on epochs; with ``store`` (a SweepStore) ASHA's rungs survive a driver restart."""
+def save_state_now(tune_controller) -> None:
+    """Have Tune save its experiment state (which trials ended) at the end of this step rather
+    than up to TUNE_GLOBAL_CHECKPOINT_S later: a driver killed just after a trial ended must
+    not run that trial again when the sweep resumes. One save per ended trial."""
+    manager = getattr(tune_controller, "_checkpoint_manager", None)
+    if manager is not None and hasattr(manager, "_should_force_sync_up"):
+        manager._should_force_sync_up = True
+
+
+def _fifo_base():
     from ray.tune.schedulers import FIFOScheduler
 
+    return FIFOScheduler
+
+
+class SavingFIFO(_fifo_base()):
+    """First in, first out; the experiment state saved as each trial ends."""
+
+    def on_trial_complete(self, tune_controller, trial, result):
+        super().on_trial_complete(tune_controller, trial, result)
+        save_state_now(tune_controller)
+
+
+def trial_scheduler(spec: Spec, store=None):
+    """FIFO, or ASHA on epochs; with ``store`` (a SweepStore) ASHA's rungs survive a driver
+    restart. Either saves Tune's experiment state as each trial ends."""
     sch = spec.search.scheduler
     if sch.type == "fifo":
-        return FIFOScheduler()
+        return SavingFIFO()
     return ResumableASHA(
         store=store,
         time_attr=M.EPOCH,
@@ -153,6 +175,7 @@ class ResumableASHA(_asha_base()):
     def on_trial_complete(self, tune_controller, trial, result):
         super().on_trial_complete(tune_controller, trial, result)
         self._persist()
+        save_state_now(tune_controller)
 
     def on_trial_remove(self, tune_controller, trial):
         super().on_trial_remove(tune_controller, trial)

@@ -105,7 +105,12 @@ PET_BREEDS = [("Abyssinian", 1, 1), ("Bengal", 2, 1), ("american_bulldog", 3, 2)
 @pytest.fixture
 def pets_root(tmp_path) -> Path:
     """Oxford-IIIT Pets in its real layout: 4 breeds (2 cats, 2 dogs), tiny JPEGs."""
-    root = tmp_path / "pets"
+    return make_pets(tmp_path / "pets")
+
+
+def make_pets(root: Path) -> Path:
+    """Oxford-IIIT Pets in its real layout under ``root``: 4 breeds (2 cats, 2 dogs), 9 trainval
+    and 3 test images of each, tiny JPEGs."""
     base = root / "oxford-iiit-pet"
     lines = {"trainval": [], "test": []}
     for b, (breed, cls, species) in enumerate(PET_BREEDS):

@@ -62,12 +62,20 @@ def test_sweep_leaves_one_parent_and_one_child_per_trial(quickstart):
         assert sorted(c.data.params["strategy.unfreeze_last"] for c in children) == ["0", "1"]
         assert c.data.params["model.name"] == "timm:tf_efficientnet_lite0" and "train.lr" in c.data.params
         hist = client.get_metric_history(c.info.run_id, "val/acc")
-        epochs = int(c.data.metrics["epoch"])
+        epochs = int(c.data.tags["tl_sweep.epochs"])
+        assert "epoch" not in c.data.metrics, "the epoch is every metric's step, not a metric of its own"
         assert [m.step for m in sorted(hist, key=lambda m: m.step)] == list(range(1, epochs + 1))
         if c.data.tags["tl_sweep.pruned"] == "true":
             assert c.info.status == "KILLED" and epochs < 2 and "test/acc" not in c.data.metrics
+            assert c.data.tags["tl_sweep.status"] == "pruned"
         else:
             assert c.info.status == "FINISHED" and epochs == 2 and 0 <= c.data.metrics["test/acc"] <= 1
+            assert c.data.tags["tl_sweep.status"] == "finished"
+        # the run's name is what it varies; its params are the config it ran, no field that does not apply
+        l_part, lr_part = c.info.run_name.split(" ")
+        assert l_part == f"l={c.data.params['strategy.unfreeze_last']}" and len(lr_part) <= 10, c.info.run_name
+        assert float(lr_part.removeprefix("lr=")) == pytest.approx(float(c.data.params["train.lr"]), rel=5e-3)
+        assert "strategy.unfreeze_every" not in c.data.params and "semi.method" not in c.data.params
         assert "trial_spec.yaml" in [a.path for a in client.list_artifacts(c.info.run_id)]
     best = [c for c in children if c.data.tags.get("tl_sweep.best") == "true"]
     assert len(best) == 1 and [a.path for a in client.list_artifacts(best[0].info.run_id, "checkpoint")] == ["checkpoint/checkpoint.pt"]

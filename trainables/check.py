@@ -56,7 +56,22 @@ class Checker:
                 STRATEGIES.get(s.strategy.name)(backbone, s.strategy, s.train.lr)
             except ValueError as e:
                 raise CheckError(f"{where}strategy", f"with model {cfg.model.name}: {e}") from None
-        return {"classes": classes, "groups": [g.name for g in backbone.groups]}
+        data = self.datasets[cfg.data.model_dump_json()] if not cfg.phases else None
+        return {"classes": classes, "groups": [g.name for g in backbone.groups],
+                "data": None if data is None else describe_data(cfg.data, data)}
+
+
+def describe_data(cfg: Any, data: Any) -> Dict[str, Any]:
+    """A data set as MLflow records a run's input: its name, a digest of what the trial reads
+    (the data config and the split sizes and classes it gave), and the split sizes."""
+    import hashlib
+    import json
+
+    splits = {"train": len(data.train), "val": len(data.val), "test": len(data.test),
+              "unlabeled": len(data.unlabeled) if data.unlabeled is not None else 0}
+    source = cfg.model_dump(mode="json", exclude={"num_workers", "cache"})
+    digest = hashlib.sha256(json.dumps([source, splits, list(data.classes)], sort_keys=True).encode()).hexdigest()[:16]
+    return {"name": cfg.name, "digest": digest, "source": source, "splits": splits, "classes": len(data.classes)}
 
 
 def check(configs: Iterable[Any]) -> List[Dict[str, Any]]:
@@ -66,14 +81,14 @@ def check(configs: Iterable[Any]) -> List[Dict[str, Any]]:
     return [checker(c) for c in configs]
 
 
-def check_each(labelled: Iterable[Tuple[str, Any]]) -> List[Dict[str, Any]]:
+def check_each(labelled: Iterable[Tuple[str, Any]]) -> Dict[str, List[Dict[str, Any]]]:
     """``check`` for ``[(label, config), ...]``: every problem found, each as
-    ``{"label", "key", "message"}`` (empty when every config can work). Meant to run as a Ray
-    task on a node where trials run."""
-    checker, problems = Checker(), []
+    ``{"label", "key", "message"}`` (none when every config can work), and what was found of
+    the others. Meant to run as a Ray task on a node where trials run."""
+    checker, problems, found = Checker(), [], []
     for label, config in labelled:
         try:
-            checker(config)
+            found.append(checker(config))
         except CheckError as e:
             problems.append({"label": label, "key": e.key, "message": e.message})
-    return problems
+    return {"problems": problems, "found": found}
