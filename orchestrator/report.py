@@ -166,9 +166,11 @@ def study_info(datas: Sequence[SweepData]) -> Dict[str, Any]:
     for label, by_x in series.items():
         for xs, got in by_x.items():
             # trials that ran to the end, where there are: a trial ASHA stopped early saw fewer epochs
-            ys = [v for st, v in got if st == "finished"] or [v for _, v in got]
+            ended = [v for st, v in got if st == "finished"]
+            ys = ended or [v for _, v in got]
             summary.append({"series": label, "x": json.loads(xs), "mean": statistics.mean(ys),
-                            "std": statistics.stdev(ys) if len(ys) > 1 else 0.0, "n": len(ys)})
+                            "std": statistics.stdev(ys) if len(ys) > 1 else 0.0, "n": len(ys),
+                            "stopped_early": not ended})
     numeric = all(isinstance(p["x"], (int, float)) and not isinstance(p["x"], bool) for p in points)
     log_x = numeric and bool(points) and x in {k for d in datas for k, v in d.space.items()
                                                   if isinstance(v, dict) and "loguniform" in v}
@@ -348,6 +350,9 @@ def draw_study(info: Dict[str, Any]):
         bar = ax.errorbar([pos(s["x"]) + offset for s in summ], [s["mean"] for s in summ], yerr=[s["std"] for s in summ],
                           marker="o", capsize=3, label=label or None)
         colour = bar.lines[0].get_color()
+        early = [s for s in summ if s.get("stopped_early")]  # no trial there ran to the end
+        ax.scatter([pos(s["x"]) + offset for s in early], [s["mean"] for s in early], s=70, marker="s",
+                   facecolors="white", edgecolors=colour, zorder=3)
         done = [p for p in pts if p["status"] == "finished"]
         cut = [p for p in pts if p["status"] != "finished"]
         ax.scatter([pos(p["x"]) + offset for p in done], [p["y"] for p in done], alpha=0.5, s=18, color=colour)
@@ -362,7 +367,9 @@ def draw_study(info: Dict[str, Any]):
     ax.set_xlabel(info["x"] or "")
     ax.set_ylabel(info["y"])
     ax.set_title(f"best {info['y']} by {info['x']}" + (f" and {info['hue']}" if info["hue"] else "")
-                 + "\nmean +- sd of the trials run to the end; hollow: stopped early", fontsize=9)
+                 + "\nmean +- sd of the trials run to the end; small hollow: a trial stopped early"
+                 + ("\nhollow square: no trial ran to the end (their mean)" if any(
+                     s.get("stopped_early") for s in info["summary"]) else ""), fontsize=9)
     if series and series != [""]:
         ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
