@@ -141,9 +141,10 @@ class StorageSpec(Section):
     # node sees (shared file system) or s3://bucket/prefix (query parameters for an S3-compatible
     # server, e.g. ?endpoint_override=host:9000&scheme=http). Default: the sweep folder.
     uri: Optional[str] = None
-    # checkpoints kept per trial: 2 = the last and the one before, so a driver that dies while a
-    # trial's checkpoint is being replaced still finds the one its saved state points to
-    keep_checkpoints: int = Field(2, ge=1)
+    # checkpoints kept per trial: at least the last and the one before, so a driver that dies
+    # while a trial's checkpoint is being replaced still finds the one its saved state points
+    # to (tuning.StateSaver saves the state as each checkpoint lands)
+    keep_checkpoints: int = Field(2, ge=2)
 
 
 class Spec(TrialSections):

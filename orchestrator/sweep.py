@@ -519,8 +519,8 @@ def resume_sweep(sweep: Sweep, *, address: Optional[str] = None, storage_path: s
                             varying=searched, source=_source())
     live = LiveTable(printer, searched, spec.search.metric, spec.search.mode)
     internal = _restored(tuner)
-    internal.get_run_config().callbacks = [tracker, live]
     scheduler = internal._tune_config.scheduler
+    internal.get_run_config().callbacks = [tracker, live, tuning.StateSaver(scheduler)]
     if isinstance(scheduler, tuning.ResumableASHA):
         scheduler._store = store
         scheduler.load_state()
@@ -553,6 +553,7 @@ def _tuner(spec: Spec, store: Store, callbacks: list, broker: Optional[str]):
 
     path, fs = store.tune_location()
     fs = brokered(fs, broker)  # Tune sends it to every trial: the keys come from the broker, not the pickle
+    scheduler = tuning.trial_scheduler(spec, store)
     return tune.Tuner(
         _trainable(spec, broker),
         param_space=sp.param_space(spec),
@@ -560,7 +561,7 @@ def _tuner(spec: Spec, store: Store, callbacks: list, broker: Optional[str]):
             metric=spec.search.metric,
             mode=spec.search.mode,
             search_alg=tuning.search_algorithm(spec),
-            scheduler=tuning.trial_scheduler(spec, store),
+            scheduler=scheduler,
             num_samples=sp.num_trials(spec),
             max_concurrent_trials=spec.search.max_concurrent,
             reuse_actors=True,  # a trial process runs the next trial: no new process, imports done
@@ -569,7 +570,7 @@ def _tuner(spec: Spec, store: Store, callbacks: list, broker: Optional[str]):
             name=TUNE_DIR,
             storage_path=path,
             storage_filesystem=fs,
-            callbacks=callbacks,
+            callbacks=[*callbacks, tuning.StateSaver(scheduler)],
             verbose=0,
             checkpoint_config=tune.CheckpointConfig(num_to_keep=spec.storage.keep_checkpoints),
             failure_config=tune.FailureConfig(max_failures=spec.failure.max_retries),

@@ -2,6 +2,7 @@
 scheduler (ASHA, whose rungs survive a driver restart)."""
 from __future__ import annotations
 
+import logging
 import pickle
 from typing import Any, Dict, Optional
 
@@ -77,13 +78,67 @@ def search_algorithm(spec: Spec):
                        points_to_evaluate=points or None)
 
 
-def save_state_now(tune_controller) -> None:
-    """Have Tune save its experiment state (which trials ended) at the end of this step rather
-    than up to TUNE_GLOBAL_CHECKPOINT_S later: a driver killed just after a trial ended must
-    not run that trial again when the sweep resumes. One save per ended trial."""
-    manager = getattr(tune_controller, "_checkpoint_manager", None)
-    if manager is not None and hasattr(manager, "_should_force_sync_up"):
-        manager._should_force_sync_up = True
+def save_state_now(tune_controller, wait: bool = False) -> None:
+    """Have Tune save its experiment state (which trials ended, each trial's checkpoint) at the
+    end of this step rather than up to TUNE_GLOBAL_CHECKPOINT_S later: a driver killed just
+    after a trial ended must not run that trial again when the sweep resumes. ``wait``: first
+    let the save in flight reach the storage."""
+    # schedulers get Tune's controller in a wrapper that warns on each private attribute
+    controller = getattr(tune_controller, "_tune_controller", tune_controller)
+    manager = getattr(controller, "_checkpoint_manager", None)
+    if manager is None or not hasattr(manager, "_should_force_sync_up"):
+        return
+    if wait:
+        syncer = getattr(getattr(manager, "_storage", None), "syncer", None)
+        if syncer is not None:
+            try:
+                syncer.wait()
+            except Exception:  # a failed upload: Tune logs it and tries again with this save
+                logging.getLogger(__name__).warning("saving the experiment state failed", exc_info=True)
+    manager._should_force_sync_up = True
+
+
+class RemembersController:
+    """For the schedulers: keeps the Tune controller that Tune hands to every scheduler hook,
+    so that ``StateSaver`` can reach it when a checkpoint lands. Never pickled."""
+
+    _controller = None
+
+    def _remember(self, tune_controller) -> None:
+        self._controller = tune_controller
+
+    def on_trial_add(self, tune_controller, trial):
+        self._remember(tune_controller)
+        super().on_trial_add(tune_controller, trial)
+
+    def on_trial_result(self, tune_controller, trial, result):
+        self._remember(tune_controller)
+        return super().on_trial_result(tune_controller, trial, result)
+
+    def __getstate__(self):
+        return {k: v for k, v in self.__dict__.items() if k != "_controller"}
+
+
+def _callback_base():
+    from ray.tune import Callback
+
+    return Callback
+
+
+class StateSaver(_callback_base()):
+    """Saves Tune's experiment state each time a trial's checkpoint lands, after the previous
+    save has reached the storage. Tune deletes a trial's older checkpoints as new ones come
+    (``storage.keep_checkpoints``) but saves its state, which names the checkpoint to resume
+    from, only now and then: a driver killed in between left a state naming a deleted
+    checkpoint, and the trial failed on resume. With this, the state on the storage always
+    names the trial's previous checkpoint or a newer one, and two are kept."""
+
+    def __init__(self, scheduler: RemembersController):
+        self._scheduler = scheduler
+
+    def on_checkpoint(self, iteration, trials, trial, checkpoint, **info):
+        # called before Tune registers this checkpoint (and deletes the oldest kept one)
+        save_state_now(self._scheduler._controller, wait=True)
 
 
 def _fifo_base():
@@ -92,7 +147,7 @@ def _fifo_base():
     return FIFOScheduler
 
 
-class SavingFIFO(_fifo_base()):
+class SavingFIFO(RemembersController, _fifo_base()):
     """First in, first out; the experiment state saved as each trial ends."""
 
     def on_trial_complete(self, tune_controller, trial, result):
@@ -127,7 +182,7 @@ STATE_FILE = "scheduler.pkl"
 _KEPT = ("_trial_info", "_brackets", "_counter", "_num_stopped")
 
 
-class ResumableASHA(_asha_base()):
+class ResumableASHA(RemembersController, _asha_base()):
     """ASHA whose rungs are written to the sweep's storage after each decision and read back
     when the sweep resumes (``load_state``): Tune restores the searcher's state but not the
     scheduler's, so without this a resumed sweep would judge its trials against empty rungs."""

@@ -264,3 +264,66 @@ def nth(needle: str, n: int):
         return count[0] >= n
 
     return test
+
+
+STATE_PROBE = r'''
+import glob, json, os, sys, time
+os.environ["TUNE_GLOBAL_CHECKPOINT_S"] = "1000"  # Tune's own timed saves out of the way
+import ray
+from ray import tune
+from orchestrator import tuning
+
+storage, with_saver = sys.argv[1], sys.argv[2] == "1"
+
+def trial(config):
+    import tempfile
+    for i in range(6):
+        with tempfile.TemporaryDirectory() as d:
+            open(os.path.join(d, "x"), "w").write(str(i))
+            tune.report({"epoch": i + 1, "val/acc": 0.1 * i}, checkpoint=tune.Checkpoint.from_directory(d))
+        time.sleep(0.2)
+
+class Probe(tune.Callback):
+    """As each checkpoint lands (before Tune registers it and deletes the oldest kept one): the
+    checkpoint that the experiment state on the storage names for this trial."""
+    seen = []
+    def on_checkpoint(self, iteration, trials, trial, checkpoint, **info):
+        landing = int(os.path.basename(checkpoint.path).split("_")[-1])
+        named = -1
+        for f in sorted(glob.glob(os.path.join(storage, "exp", "experiment_state-*.json"))):
+            for _, meta in json.load(open(f))["trial_data"]:
+                name = (json.loads(meta).get("last_result") or {}).get("checkpoint_dir_name")
+                if name:
+                    named = max(named, int(name.split("_")[-1]))
+        self.seen.append((landing, named))
+
+ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+scheduler = tuning.SavingFIFO()
+probe = Probe()
+callbacks = [tuning.StateSaver(scheduler), probe] if with_saver else [probe]
+tune.Tuner(trial, tune_config=tune.TuneConfig(metric="val/acc", mode="max", scheduler=scheduler, num_samples=1),
+           run_config=tune.RunConfig(name="exp", storage_path=storage, callbacks=callbacks, verbose=0,
+                                     checkpoint_config=tune.CheckpointConfig(num_to_keep=2))).fit()
+print(json.dumps(probe.seen))
+'''
+
+
+@pytest.mark.parametrize("with_saver", [True, False], ids=["with-StateSaver", "Tune-alone"])
+def test_the_saved_state_never_names_a_deleted_checkpoint(tmp_path, with_saver):
+    """Tune deletes a trial's oldest kept checkpoint as a new one lands, but saves the state
+    that names the checkpoint to resume from only now and then: a driver killed in between
+    resumed the trial from a deleted checkpoint (seen in CI). With StateSaver the state on the
+    storage always names the previous checkpoint or a newer one, which keep_checkpoints: 2
+    keeps; Tune alone (the control) lags further behind."""
+    r = subprocess.run([sys.executable, "-c", STATE_PROBE, str(tmp_path), "1" if with_saver else "0"],
+                       capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert r.returncode == 0, r.stdout + r.stderr
+    seen = [tuple(x) for x in __import__("json").loads(r.stdout.strip().splitlines()[-1])]
+    assert [landing for landing, _ in seen] == list(range(6))
+    # checkpoint n lands, then n - 2 is deleted: the saved state must name n - 1 or later
+    lagging = [(landing, named) for landing, named in seen if landing >= 2 and named < landing - 1]
+    if with_saver:
+        assert lagging == [], seen
+    else:
+        assert lagging, f"Tune alone kept its state current: the control shows nothing {seen}"
