@@ -219,13 +219,22 @@ def _submit_resume(sweep: str, storage: str, address: str) -> None:
                           ".", {"sweep": found.id, "name": found.meta["name"]})
     except InputError as e:
         _fail_input(str(e))
-    printer = Printer(Console())
-    printer.line(f"submitted job {job} to {address}: resumes sweep {found.id}")
+    _follow_job(Printer(Console()), f"submitted job {job} to {address}: resumes sweep {found.id}", address, job,
+                found.id, storage)
+
+
+def _follow_job(printer, started: str, address: str, job: str, sweep_id: str, storage: str) -> None:
+    """After a job is submitted: say so, wait until its driver has started (exit with its code
+    when it failed to), then print how to follow the sweep."""
+    from orchestrator import jobs
+    from orchestrator.secrets import redact
+
+    printer.line(started)
     code = jobs.watch_start(address, job, printer)
     if code:
         sys.exit(code)
-    printer.line(f"follow it: tl-sweep status {found.id} --address {address}; tl-sweep logs {found.id} --address "
-                 f"{address} --follow; results: tl-sweep show {found.id} --storage {storage}")
+    printer.line(f"follow it: tl-sweep status {sweep_id} --address {address}; tl-sweep logs {sweep_id} --address "
+                 f"{address} --follow; results: tl-sweep show {sweep_id} --storage {redact(storage)}")
 
 
 @cli.command()
@@ -256,7 +265,7 @@ def submit(spec_file: str, address: str, overrides: List[str], tracking_uri: Opt
 
     from orchestrator import jobs
     from orchestrator.live import Printer
-    from orchestrator.secrets import redact, strip_credentials, without_credentials
+    from orchestrator.secrets import strip_credentials, without_credentials
     from orchestrator.sweepdir import InputError, new_sweep_id
 
     loaded = _load(spec_file, overrides)
@@ -285,12 +294,8 @@ def submit(spec_file: str, address: str, overrides: List[str], tracking_uri: Opt
                           sweep_id, working_dir, {"sweep": sweep_id, "name": spec.name}, leave_out=[spec_file])
     except InputError as e:
         _fail_input(str(e))
-    printer.line(f"submitted sweep {sweep_id} to {address} (job {job})")
-    code = jobs.watch_start(address, job, printer)
-    if code:
-        sys.exit(code)
-    printer.line(f"follow it: tl-sweep status {sweep_id} --address {address}; tl-sweep logs {sweep_id} --address "
-                 f"{address} --follow; results: tl-sweep show {sweep_id} --storage {redact(spec.storage.uri)}")
+    _follow_job(printer, f"submitted sweep {sweep_id} to {address} (job {job})", address, job, sweep_id,
+                spec.storage.uri)
 
 
 @cli.command(name="job-run", hidden=True)

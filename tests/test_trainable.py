@@ -27,18 +27,25 @@ def test_each_epoch_reports_namespaced_metrics_and_test_only_at_the_end(tiny):
     assert [m["train/lr"] for m, _ in reports] == pytest.approx([2e-3, 1e-3, 5e-4]), "step schedule, per epoch"
 
 
-def test_resume_continues_from_the_checkpoint_exactly(tiny, tmp_path):
+def straight_and_resumed(cfg, folder):
+    """The epochs' reports of an uninterrupted trial, and of one saved after its first epoch and
+    resumed from that checkpoint in a fresh trial (with the epoch it resumed at)."""
     straight = []
-    FineTuneTrial(tiny).fit(lambda m, d: straight.append(m), checkpoint=False)
-
-    first = FineTuneTrial(tiny)
+    FineTuneTrial(cfg).fit(lambda m, d: straight.append(m), checkpoint=False)
+    first = FineTuneTrial(cfg)
     first.train_one_epoch()
-    first.save(str(tmp_path))
-    resumed = FineTuneTrial(tiny)
-    resumed.load(str(tmp_path))
-    assert resumed.epoch == 1
+    first.save(str(folder))
+    resumed = FineTuneTrial(cfg)
+    resumed.load(str(folder))
+    at = resumed.epoch
     rest = []
     resumed.fit(lambda m, d: rest.append(m), checkpoint=False)
+    return straight, rest, at
+
+
+def test_resume_continues_from_the_checkpoint_exactly(tiny, tmp_path):
+    straight, rest, at = straight_and_resumed(tiny, tmp_path)
+    assert at == 1
     assert [m["epoch"] for m in rest] == [2, 3]
     assert [m["train/lr"] for m in rest] == pytest.approx([m["train/lr"] for m in straight[1:]])
     assert rest[-1]["train/loss"] == pytest.approx(straight[-1]["train/loss"], rel=1e-4)
@@ -62,15 +69,7 @@ def test_a_non_finite_loss_stops_the_trial(tiny):
 def test_resume_is_exact_with_dataloader_workers_and_augmentation(tiny, tmp_path):
     # every image's random transform runs under its own seed, drawn from the checkpointed generator
     cfg = dict(tiny, data=dict(tiny["data"], num_workers=2), augment=dict(tiny["augment"], hflip=True, rotation=15))
-    straight = []
-    FineTuneTrial(cfg).fit(lambda m, d: straight.append(m), checkpoint=False)
-    first = FineTuneTrial(cfg)
-    first.train_one_epoch()
-    first.save(str(tmp_path))
-    resumed = FineTuneTrial(cfg)
-    resumed.load(str(tmp_path))
-    rest = []
-    resumed.fit(lambda m, d: rest.append(m), checkpoint=False)
+    straight, rest, _ = straight_and_resumed(cfg, tmp_path)
     assert [m["train/loss"] for m in rest] == pytest.approx([m["train/loss"] for m in straight[1:]], rel=1e-6)
     again = []
     FineTuneTrial(dict(cfg, data=dict(cfg["data"], num_workers=0))).fit(lambda m, d: again.append(m), checkpoint=False)
