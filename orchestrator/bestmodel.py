@@ -78,7 +78,8 @@ def served(best: BestTrial):
     from trainables.models import Normalized
 
     t = best.trial
-    return Normalized(t.model, t.mean.cpu(), t.std.cpu()).eval()
+    # plain modules: a strategy's additions are folded in (LoRA's adapters merged into the weights)
+    return Normalized(t.strategy.export(t.model), t.mean.cpu(), t.std.cpu()).eval()
 
 
 def log_model(sweep: Sweep, best: BestTrial) -> Optional[str]:

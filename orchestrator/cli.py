@@ -482,17 +482,20 @@ def show(sweep: str, storage: str, form: str) -> None:
         _fail_input(str(e))
     meta = found.meta
     rows = leaderboard(found)
-    columns = ["rank", "trial", *meta.get("varying", []), f"best {meta['metric']}", "epochs", "status", M.TEST_ACC]
+    columns = ["rank", "trial", *meta.get("varying", []), f"best {meta['metric']}", "epochs", "status", M.TEST_ACC,
+               "trainable params"]
     records = []
     for i, r in enumerate(rows, 1):
         status = r.status if not r.error else f"{r.status}: {r.error.splitlines()[-1][:80]}"
-        records.append(dict(zip(columns, [i, r.trial, *r.values.values(), r.best, r.epochs, status, r.test_acc])))
+        trainable = None if r.trainable is None else int(r.trainable)
+        records.append(dict(zip(columns, [i, r.trial, *r.values.values(), r.best, r.epochs, status, r.test_acc,
+                                          trainable])))
     if form == "json":
         click.echo(json.dumps({"sweep": meta["id"], "status": meta.get("status"), "metric": meta["metric"],
                                "mode": meta["mode"], "trials": records}, indent=2))
         return
     best_col = f"best {meta['metric']}"
-    shown = [{k: ("-" if v is None else fmt_metric(v) if k in (best_col, M.TEST_ACC) else
+    shown = [{k: ("-" if v is None else fmt_metric(v) if k in (best_col, M.TEST_ACC) else f"{v:,}" if k == "trainable params" else
                   fmt_param(v) if k in meta.get("varying", []) else v) for k, v in rec.items()} for rec in records]
     if form == "csv":
         w = csv.DictWriter(sys.stdout, fieldnames=columns)

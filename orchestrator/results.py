@@ -22,6 +22,7 @@ class Row:
     status: str
     test_acc: Optional[float]
     error: str = ""
+    trainable: Optional[float] = None  # model/params_trainable (the last logged)
 
 
 def leaderboard(sweep: Sweep) -> List[Row]:
@@ -50,12 +51,22 @@ def leaderboard(sweep: Sweep) -> List[Row]:
             status=status,
             test_acc=r.data.metrics.get(M.TEST_ACC),
             error=r.data.tags.get(TAG_ERROR, ""),
+            trainable=r.data.metrics.get(M.PARAMS_TRAINABLE),
         ))
     sign = -1 if mode == "max" else 1
     # a tie goes to the trial the sweep marked best (its checkpoint and model are logged)
     marked = {r.info.run_id for r in runs if r.data.tags.get(TAG_BEST) == "true"}
     rows.sort(key=lambda row: (row.best is None, sign * (row.best or 0.0), row.run_id not in marked))
     return rows
+
+
+def most_efficient(rows: List[Row], mode: str) -> Optional[Row]:
+    """The trial that kept the most of the metric per trainable parameter (a metric that is
+    maximised: accuracy, F1); None for a minimised metric or when no trial logged its count."""
+    if mode != "max":
+        return None
+    scored = [r for r in rows if r.best is not None and r.trainable]
+    return max(scored, key=lambda r: r.best / r.trainable, default=None)
 
 
 def export_best(sweep: Sweep, top: int) -> str:

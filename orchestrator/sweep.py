@@ -697,7 +697,7 @@ def summarize(client, sweep: Sweep) -> None:
     that re-runs it)."""
     from mlflow.entities import Metric, Param, RunTag
 
-    from orchestrator.results import export_best, leaderboard
+    from orchestrator.results import export_best, leaderboard, most_efficient
 
     meta = sweep.meta
     ranked = [r for r in leaderboard(sweep) if r.best is not None]
@@ -713,6 +713,15 @@ def summarize(client, sweep: Sweep) -> None:
                      params=params, tags=[RunTag("tl_sweep.best_trial", run.info.run_name),
                                           RunTag("tl_sweep.best_run_id", best.run_id)])
     client.log_text(meta["parent_run_id"], export_best(sweep, 1), "best.yaml")
+    efficient = most_efficient(ranked, meta["mode"])
+    if efficient is not None:  # which configuration kept the most of the metric per trainable weight
+        values = ", ".join(f"{k}={v}" for k, v in efficient.values.items())
+        client.set_tag(meta["parent_run_id"], "tl_sweep.most_efficient_run_id", efficient.run_id)
+        client.set_tag(meta["parent_run_id"], "tl_sweep.most_efficient", (
+            f"trial {efficient.trial}{' (' + values + ')' if values else ''}: {meta['metric']}={efficient.best:.4f} "
+            f"with {int(efficient.trainable):,} trainable parameters"))
+        client.log_metric(meta["parent_run_id"], f"most_efficient/{meta['metric']}_per_mparam",
+                          efficient.best / efficient.trainable * 1e6)
 
 
 def _log_best_checkpoint(client, meta: Dict[str, Any], grid, spec: Spec) -> None:

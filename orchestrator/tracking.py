@@ -260,6 +260,9 @@ class MlflowTracker(DriverCallback):
         now = int(time.time() * 1000)
         metrics = [Metric(k, v, now, step) for k, v in metric_items(result).items()]
         self.client.log_batch(run_id, metrics=metrics, tags=[RunTag(TAG_EPOCHS, str(step))])
+        for k, v in result.items():  # files a phase made (forgetting's accuracy matrix)
+            if k.startswith(M.ARTIFACT_PREFIX) and isinstance(v, str):
+                self.client.log_text(run_id, v, k[len(M.ARTIFACT_PREFIX):])
         node = result.get(M.NODE_ID)
         if node and self.nodes.get(trial.trial_id) != node:  # the node a (restarted) trial runs on
             self.nodes[trial.trial_id] = node

@@ -27,6 +27,22 @@ def test_each_epoch_reports_namespaced_metrics_and_test_only_at_the_end(tiny):
     assert [m["train/lr"] for m, _ in reports] == pytest.approx([2e-3, 1e-3, 5e-4]), "step schedule, per epoch"
 
 
+def test_each_epoch_reports_what_trains_and_what_it_costs(tiny):
+    """model/params_trainable counts the weights in the trainable groups (the head and the last
+    group here), model/params_total all of them; the peak memory is the process's, > 0."""
+    reports = []
+    trial = FineTuneTrial(tiny)
+    trial.fit(lambda m, d: reports.append(m), checkpoint=False)
+    named = dict(trial.model.named_parameters())
+    groups = trial.backbone.groups
+    expected = sum(named[n].numel() for g in groups[-2:] for n in g.params)
+    for m in reports:
+        assert m["model/params_trainable"] == expected
+        assert m["model/params_total"] == sum(p.numel() for p in trial.model.parameters()) > expected
+        assert m["train/peak_mem_mb"] > 10
+    assert reports[-1]["train/peak_mem_mb"] >= reports[0]["train/peak_mem_mb"], "a peak never falls"
+
+
 def straight_and_resumed(cfg, folder):
     """The epochs' reports of an uninterrupted trial, and of one saved after its first epoch and
     resumed from that checkpoint in a fresh trial (with the epoch it resumed at)."""

@@ -17,6 +17,12 @@ TRAIN_LR = "train/lr"
 TRAINABLE_GROUPS = "train/trainable_groups"
 NODE_ID = "node_id"  # where a trial ran (an MLflow tag, not a metric)
 CHECKPOINT_MB = "checkpoint/size_mb"  # the size of the epoch's checkpoint
+PARAMS_TRAINABLE = "model/params_trainable"  # weights the strategy lets move (every epoch)
+PARAMS_TOTAL = "model/params_total"
+PEAK_MEM_MB = "train/peak_mem_mb"  # peak memory of training so far (CUDA: allocated; CPU: resident set)
+# A result value under "artifact:<file name>" (text) becomes a file of the trial's MLflow run
+# (e.g. forgetting's accuracy matrix); it is not a metric.
+ARTIFACT_PREFIX = "artifact:"
 
 
 def key(split: str, name: str) -> str:

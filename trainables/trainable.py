@@ -107,13 +107,16 @@ class FineTuneTrial:
         self.phase = PHASES.get(kind)(self, index)
         if index > 0 and s.data != self.sections(index - 1).data:
             data = build_data(s.data)
-            if data.num_classes != self.data.num_classes:
+            if data.num_classes != self.data.num_classes and not getattr(self.phase, "new_head", False):
                 raise ValueError(f"phases.{index}: its data set has {data.num_classes} classes, the trial's head "
                                  f"{self.data.num_classes}; phases of a trial share one head")
             self.data = data
+        start = getattr(self.phase, "start", None)
+        if start is not None:  # a phase that changes the model (a new head, pruning) does it here
+            start()
         t = s.train
         self.strategy = STRATEGIES.get(s.strategy.name)(self.backbone, s.strategy, t.lr)
-        self.strategy.prepare(self.model)
+        self.strategy.prepare(self.model, self.calibration_batches)
         self.active_groups = self.strategy.apply(self.model, 1)
         self.optimizer = build_optimizer(self._new_param_groups(self.active_groups, joined=0), t)
 
@@ -145,6 +148,17 @@ class FineTuneTrial:
         for k, (name, cfg) in enumerate(s.losses.items()):
             self.components[name] = LOSSES.get(name)(cfg, self, base + 2 + k)
         self.components = {k: c for k, c in self.components.items() if c.active}
+
+    def calibration_batches(self, n: int):
+        """Up to ``n`` training batches, normalised and on the device, for a strategy's
+        ``prepare`` (Fisher masks): drawn with a generator of their own, without augmentation."""
+        s = self.phase_cfg
+        g = torch.Generator().manual_seed(self.seed * 7907 + 17 + self.phase_index)
+        loader = seeded_loader(self.data.train, None, s.train.batch_size, g, 0, False)
+        for i, (x, y) in enumerate(loader):
+            if i >= n:
+                break
+            yield self.inputs(x), y.to(self.device, non_blocking=True)
 
     def use_feature_cache(self, s: TrialSections, index: int) -> bool:
         """Train the phase on the cached outputs of its frozen prefix, when it can: the prefix
@@ -331,7 +345,24 @@ class FineTuneTrial:
             M.TRAINABLE_GROUPS: len(self.active_groups),
             M.IMAGES_PER_S: seen / max(elapsed, 1e-9),
         })
+        out.update(self.size_metrics())
         return out
+
+    def size_metrics(self) -> Dict[str, float]:
+        """The model's trainable and total parameter counts (the strategy's count: LoRA's
+        adapters and the head, a mask's unmasked weights) and the peak memory of training so far
+        (CUDA: the device's peak allocation; CPU: the process's peak resident set)."""
+        total = sum(p.numel() for p in self.model.parameters())
+        if self.device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated(self.device) / 2**20
+        else:
+            import resource
+            import sys
+
+            rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+            peak = rss / 2**20 if sys.platform == "darwin" else rss / 2**10
+        return {M.PARAMS_TRAINABLE: float(self.strategy.trainable_count(self.model)),
+                M.PARAMS_TOTAL: float(total), M.PEAK_MEM_MB: float(peak)}
 
     def _check_finite(self, loss_sum: torch.Tensor, step: int) -> None:
         if not torch.isfinite(loss_sum):
@@ -397,6 +428,7 @@ class FineTuneTrial:
                 "phase": self.phase_index,
                 "phase_epoch": self.phase_epoch,
                 "strategy": self.strategy.state_dict(),
+                "phase_state": self.phase.state_dict() if hasattr(self.phase, "state_dict") else {},
                 "components": {k: c.state_dict() for k, c in self.components.items()},
                 "rng": rng_state(),
                 "loader_rng": self.generator.get_state(),
@@ -413,6 +445,8 @@ class FineTuneTrial:
             raise RuntimeError(f"checkpoint {path} does not load ({type(e).__name__}: {e})") from e
         if state["phase"] != self.phase_index:
             self.enter_phase(state["phase"])
+        if hasattr(self.phase, "load_state_dict"):  # before the weights: a phase may change the model's shapes
+            self.phase.load_state_dict(state.get("phase_state", {}))
         missing, unexpected = self.model.load_state_dict(state["model"], strict=False)
         touched = set(state.get("touched", []))
         if unexpected or set(missing) & touched or self._frozen_digest(touched) != state["frozen_digest"]:
@@ -462,7 +496,9 @@ class FineTuneTrial:
                 report(metrics, None)
                 continue
             with tempfile.TemporaryDirectory(prefix="tl-sweep-ckpt-") as d:
-                self.save(d, complete=self.epoch == self.total_epochs)
+                # a phase that changed the model's shapes (pruning) saves every weight
+                complete = self.epoch == self.total_epochs or getattr(self.phase, "complete_checkpoints", False)
+                self.save(d, complete=complete)
                 metrics[M.CHECKPOINT_MB] = (Path(d) / CHECKPOINT_FILE).stat().st_size / 2**20
                 report(metrics, d)
 

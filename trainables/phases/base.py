@@ -6,6 +6,14 @@ ends, logs its val and test metrics once more under ``<phase name>/`` (``probe/v
 kind that does something else than epochs of fine-tuning (compression, a second task) is one
 module of this package that registers its class, and its config model, in ``PHASES``: the
 trial calls ``run_epoch`` for each of the phase's epochs and ``finish`` after the last.
+
+Optional, for a phase that changes the model: ``start()`` runs as the phase is entered, before
+the strategy's ``prepare`` and the optimizer (swap in a new head, prune); a true ``new_head``
+lets the phase's data set have another number of classes; ``state_dict()`` goes into the
+trial's checkpoint and ``load_state_dict(state)`` runs on resume before the weights load (so a
+pruned model gets its shapes back); a true ``complete_checkpoints`` saves every weight in the
+phase's checkpoints (weights that no longer match their pretrained source). ``finish`` may
+return text under ``artifact:<file name>`` keys: files of the trial's MLflow run.
 """
 from __future__ import annotations
 

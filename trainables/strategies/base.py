@@ -6,7 +6,7 @@ validated, and that must stay cheap.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Dict, List, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from trainables.config import StrategyConfig
 from trainables.registry import Registry
@@ -25,9 +25,10 @@ class Strategy:
     group at depth ``d`` below the head (head: d = 0) is ``group_lrs[d]`` when the config gives an
     explicit list, else ``lr * lr_decay ** d`` (layer-wise decay, as in ULMFiT / BEiT).
 
-    Hooks, in the order a trial calls them: ``prepare`` (once, before the optimizer exists: wrap
-    or replace modules), ``apply`` and ``set_modes`` (every epoch), ``after_backward`` and
-    ``after_step`` (every step: gradient masks), ``state_dict`` / ``load_state_dict`` (checkpoints).
+    Hooks, in the order a trial calls them: ``prepare`` (once per phase, before the optimizer
+    exists: wrap or replace modules), ``apply`` and ``set_modes`` (every epoch), ``after_backward``
+    and ``after_step`` (every step: gradient masks), ``state_dict`` / ``load_state_dict``
+    (checkpoints), ``trainable_count`` (the weights that may move), ``export`` (a plain model).
     """
 
     registered_name = ""
@@ -64,9 +65,23 @@ class Strategy:
         return min(min(self.trainable_groups(e)) for e in range(1, epochs + 1))
 
     # ------------------------------------------------------------------ hooks
-    def prepare(self, model: "nn.Module") -> None:
-        """Once, before the optimizer is built: wrap or replace modules (adapters, masks).
-        Keep parameter names stable, or update ``self.backbone.groups``."""
+    def prepare(self, model: "nn.Module", batches: Optional[Callable[[int], Iterator[Tuple[Any, Any]]]] = None) -> None:
+        """Once per phase, before the optimizer is built: wrap or replace modules (adapters,
+        masks). Keep parameter names stable, or update ``self.backbone.groups``. ``batches(n)``
+        yields up to ``n`` training batches ``(x, y)``, normalised and on the device, drawn with
+        a generator of their own (the trial's shuffling is untouched): for masks that need
+        gradients (Fisher). Runs again when a trial resumes; ``load_state_dict`` follows."""
+
+    def trainable_count(self, model: "nn.Module") -> int:
+        """How many weights this strategy lets move (``model/params_trainable``): by default every
+        element of the parameters that require gradients; a strategy that masks some of them
+        counts only the unmasked ones."""
+        return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+    def export(self, model: "nn.Module") -> "nn.Module":
+        """The model as exported and served: plain modules, nothing this strategy added (LoRA
+        merges its adapters into the weights). May return ``model`` itself."""
+        return model
 
     def apply(self, model: "nn.Module", epoch: int) -> List[int]:
         """Set ``requires_grad`` for ``epoch`` and return the indices of the groups that have
