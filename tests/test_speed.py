@@ -95,9 +95,11 @@ def test_the_frozen_prefix_cache_trains_exactly_as_the_full_model(tmp_path, monk
         trial.fit(lambda m, d: reports.append(m), checkpoint=False)
         runs[mode], trials[mode] = [(m["train/loss"], m["val/acc"], m["val/loss"]) for m in reports], trial
     assert trials["off"].feature_sets is None and trials["auto"].feature_sets is not None
-    # up to float rounding: a CPU convolution rounds differently with another batch composition
+    # up to float rounding: a CPU convolution rounds differently with another batch composition, and
+    # two epochs of training amplify it by a CPU-dependent amount (1.7e-3 on one AMD EPYC host); a
+    # wrong suffix or stale features are off by far more. Exactness is checked on the logits below.
     for cached_run, full_run in zip(runs["auto"], runs["off"]):
-        assert cached_run == pytest.approx(full_run, rel=1e-3), "the suffix on cached outputs is the full model"
+        assert cached_run == pytest.approx(full_run, rel=5e-3), "the suffix on cached outputs is the full model"
     x, _ = next(iter(trials["off"].loaders["val"]))
     cached = trials["auto"]
     with torch.no_grad():

@@ -62,6 +62,8 @@ def split_at(model: nn.Module, groups: Sequence[Any], k: int) -> Optional[Split]
         for p in g.params:
             owner[p] = gi
             owner[p.rpartition(".")[0]] = gi
+            if ".parametrizations." in p:  # m.parametrizations.weight.original (LoRA): module m is the group's too
+                owner[p.partition(".parametrizations.")[0]] = gi
 
     def group_of(node: fx.Node) -> Optional[int]:
         if node.op in ("call_module", "get_attr"):
