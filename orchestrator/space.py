@@ -75,8 +75,16 @@ class DefineByRun:
 
 
 def param_space(spec: Spec) -> Dict[str, Any]:
-    """The Tuner's param space: the fixed trial config (the searcher supplies the rest)."""
-    return copy.deepcopy(spec.trial_config())
+    """The Tuner's param space: the fixed trial config (the searcher supplies the rest).
+
+    A section whose component is searched (``strategy.name``, ``data.name``) holds only the
+    fields the spec sets: each trial's component fills in its own defaults (a field of the
+    spec's default component would be unknown to another one)."""
+    cfg = copy.deepcopy(spec.trial_config())
+    for section in ("data", "strategy"):
+        if f"{section}.name" in spec.search.space:
+            cfg[section] = getattr(spec, section).model_dump(mode="json", exclude_unset=True)
+    return cfg
 
 
 def max_t(spec: Spec) -> int:

@@ -86,3 +86,21 @@ def test_asha_counts_epochs_and_defaults_max_t(base_spec):
     assert sched._time_attr == "epoch" and sched._max_t == 9
     base_spec["search"]["space"] = {"train.epochs": {"randint": [2, 12]}}
     assert tuning.trial_scheduler(validate(base_spec))._max_t == 12, "a searched epoch count: its largest value"
+
+
+def test_a_searched_strategy_name_gives_each_trial_its_own_strategy_defaults(base_spec):
+    """Each proposal, merged into the param space as Tune merges it, parses as a trial config
+    of its own strategy (the default strategy's fields would be unknown keys to another)."""
+    from trainables.config import TrialConfig, merge
+
+    base_spec["strategy"] = {"name": "unfreeze_last", "lr_decay": 0.5}
+    s = spec_with(base_spec, {"strategy.name": {"grid": ["unfreeze_last", "gradual_unfreeze", "masked"]}},
+                  algorithm="grid")
+    fixed = sp.param_space(s)
+    assert fixed["strategy"] == {"name": "unfreeze_last", "lr_decay": 0.5}, "only what the spec sets"
+    parsed = [TrialConfig.parse(merge(fixed, p)) for p in proposals(s)]
+    assert sorted(type(c.strategy).__name__ for c in parsed) == ["GradualUnfreezeConfig", "MaskedConfig",
+                                                                 "UnfreezeLastConfig"]
+    assert all(c.strategy.lr_decay == 0.5 for c in parsed)
+    assert "strategy" in sp.param_space(spec_with(base_spec, {"train.lr": {"choice": [1e-3]}}))
+    assert "unfreeze_last" in sp.param_space(spec_with(base_spec, {"train.lr": {"choice": [1e-3]}}))["strategy"]
