@@ -61,6 +61,8 @@ def load_best(sweep: Sweep) -> Optional[BestTrial]:
     try:
         trial = FineTuneTrial(config)
         state = torch.load(Path(ckpt) / "checkpoint.pt", map_location="cpu", weights_only=True)
+        if state.get("phase", 0) != trial.phase_index:  # the last phase's model (a pruned one: its shapes)
+            trial.enter_phase(state["phase"])
         missing, _ = trial.model.load_state_dict(state["model"], strict=False)
     except Exception as e:  # noqa: BLE001 (the data set or the weights are not on this machine)
         logging.getLogger("ray").warning("the best trial's model was not rebuilt: %s", redact(repr(e)))
