@@ -36,7 +36,12 @@ def metric(value: Any) -> str:
 
 
 def short(key: str) -> str:
-    return SHORT.get(key, key.rsplit(".", 1)[-1])
+    if key.startswith("phases."):  # phases.1.train.lr: as train.lr
+        key = key.split(".", 2)[-1]
+    parts = key.split(".")
+    if len(parts) == 3 and parts[0] == "losses" and parts[2] == "weight":  # losses.l2sp.weight: l2sp
+        return parts[1]
+    return SHORT.get(key, parts[-1])
 
 
 def param(text: str) -> str:

@@ -36,9 +36,10 @@ def leaderboard(sweep: Sweep) -> List[Row]:
     )
     metric, mode = meta["metric"], meta["mode"]
     rows = []
+    last = meta.get("scope", "all") == "last"  # a trial's last epoch counts, not its best
     for r in runs:
-        hist = [m.value for m in client.get_metric_history(r.info.run_id, metric)]
-        best = (max(hist) if mode == "max" else min(hist)) if hist else None
+        hist = [m.value for m in sorted(client.get_metric_history(r.info.run_id, metric), key=lambda m: m.step)]
+        best = (hist[-1] if last else max(hist) if mode == "max" else min(hist)) if hist else None
         status = r.info.status
         if r.data.tags.get(TAG_PRUNED) == "true":
             status = "PRUNED"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import re
 from pathlib import Path
 from typing import Any, Dict, List, Literal, Optional, Tuple
 
@@ -102,6 +103,9 @@ class SearchSpec(Section):
     max_concurrent: Optional[int] = Field(None, ge=1)
     metric: str = M.VAL_ACC
     mode: Optional[Literal["max", "min"]] = None  # default: min for a loss, else max
+    # how a trial's value of the metric is read when trials are ranked: its best epoch ("all"),
+    # or its last one ("last": a trial of phases whose final model is what counts, as forgetting's)
+    scope: Literal["all", "last"] = "all"
     seed: int = 0
 
     @field_validator("metric")
@@ -248,6 +252,14 @@ def _check_space(raw: Dict[str, Any], space: Dict[str, Distribution]) -> List[st
         if key not in valid:
             problems.append(f"search.space.{key}: not a searchable field; use <section>.<field> with section one of "
                             f"{', '.join(SECTIONS)}")
+    phases = raw.get("phases") if isinstance(raw.get("phases"), list) else []
+    for key in [k for k in valid if k.startswith("phases.")]:
+        index = key.split(".")[1]
+        if not index.isdigit() or int(index) >= len(phases) or key.count(".") < 2:
+            valid.pop(key)
+            problems.append(f"search.space.{key}: not a field of a phase; use phases.<i>.<field> or "
+                            f"phases.<i>.<section>.<field> with i one of 0..{len(phases) - 1} (the spec's phases)"
+                            if phases else f"search.space.{key}: the spec has no phases")
     base = _trial_part(raw)
     for key, dist in valid.items():
         others = [[(k, v) for v in d.candidates()] for k, d in valid.items() if k != key] or [[]]
@@ -265,6 +277,13 @@ def _check_space(raw: Dict[str, Any], space: Dict[str, Distribution]) -> List[st
             except ValidationError as e:
                 for err in e.errors():
                     loc = _loc(err["loc"])
+                    if not loc and key.startswith("phases."):
+                        said = _phase_said(key, err["msg"].removeprefix("Value error, "))
+                        if said and said not in seen:
+                            seen.add(said)
+                            problems.append(f"search.space.{key}: value {value!r} does not fit: {said}")
+                            missing_field = "Extra inputs are not permitted" in said
+                        continue
                     if loc != key and not loc.startswith(key + "."):
                         continue
                     section = key.split(".")[0]
@@ -279,6 +298,20 @@ def _check_space(raw: Dict[str, Any], space: Dict[str, Distribution]) -> List[st
                         seen.add(msg)
                         problems.append(msg)
     return problems
+
+
+def _phase_said(key: str, msg: str) -> Optional[str]:
+    """What a phase's sections said of ``key`` (``phases.<i>.<section>.<field>``): they report as
+    one message, ``phases.<i> (<name>): <section.field>: <problem>; ...``."""
+    _, index, rest = key.split(".", 2)
+    head = f"phases.{index} ("
+    if not msg.startswith(head):
+        return None
+    name, _, said = msg[len(head):].partition("): ")
+    parent = rest.rpartition(".")[0]  # a registered entry that does not exist says so under its name
+    mine = [part for part in re.split(r"; (?=[\w.]+: )", said)
+            if part.split(": ", 1)[0] in (rest, f"{parent}.name") or part.startswith(rest + ".")]
+    return f"phases.{index} ({name}): {'; '.join(mine)}" if mine else None
 
 
 def _cross_checks(spec: Spec) -> List[str]:

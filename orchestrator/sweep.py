@@ -60,7 +60,7 @@ BUILT = ("data.", "model.", "strategy.", "phases.")
 def check_configs(spec: Spec) -> List[Tuple[str, Dict[str, Any]]]:
     """The configs to check, labelled: the fixed config, and one per value (or bound) of each
     searched key that changes what a trial builds."""
-    base = spec.trial_config()
+    base = sp.param_space(spec)  # a searched strategy.name: only the fields the spec sets
     out = [("", base)]
     for key, d in spec.search.space.items():
         if not key.startswith(BUILT):
@@ -396,7 +396,7 @@ def run_sweep(spec: Spec, raw: Dict[str, Any], *, address: Optional[str] = None,
         meta = {
             "id": sweep_id, "name": spec.name, "created": dt.datetime.now().isoformat(timespec="seconds"),
             "status": "running", "tracking_uri": uri, "experiment_id": exp_id, "parent_run_id": parent.info.run_id,
-            "metric": spec.search.metric, "mode": spec.search.mode, "varying": searched,
+            "metric": spec.search.metric, "mode": spec.search.mode, "scope": spec.search.scope, "varying": searched,
             "num_trials": sp.num_trials(spec), "epochs": spec.max_epochs, "store": store.display,
             "tune_path": store.child(TUNE_DIR).display,
         }
@@ -727,7 +727,7 @@ def summarize(client, sweep: Sweep) -> None:
 def _log_best_checkpoint(client, meta: Dict[str, Any], grid, spec: Spec) -> None:
     """The best finished trial's last checkpoint becomes an artifact of its child run."""
     try:
-        best = grid.get_best_result(metric=spec.search.metric, mode=spec.search.mode, scope="all")
+        best = grid.get_best_result(metric=spec.search.metric, mode=spec.search.mode, scope=spec.search.scope)
     except Exception:  # no trial reported the metric (all failed)
         return
     ckpt = best.checkpoint

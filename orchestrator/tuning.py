@@ -2,11 +2,12 @@
 scheduler (ASHA, whose rungs survive a driver restart)."""
 from __future__ import annotations
 
+import copy
 import logging
 import pickle
 from typing import Any, Dict, Optional
 
-from orchestrator.space import DefineByRun, encoded, grid_points, max_t, optuna_name
+from orchestrator.space import DefineByRun, encoded, grid_points, max_t, optuna_name, param_space
 from orchestrator.spec import Distribution, Spec, get_path, set_path
 from trainables import metrics as M
 from trainables.config import done, merge
@@ -38,6 +39,13 @@ class TrialSearch(_optuna_search()):
             return config  # FINISHED, or None (wait)
         for key, values in self._decode.items():
             set_path(config, key, values[int(get_path(config, key))])
+        if isinstance(config.get("phases"), dict):
+            # searched phase fields come unflattened by index ({"1": {"train": {"lr": ...}}}); Tune
+            # would put that dict in place of the list: give it the whole list instead
+            phases = copy.deepcopy(self._fixed.get("phases") or [])
+            for i, values in config["phases"].items():
+                phases[int(i)] = merge(phases[int(i)], values)
+            config["phases"] = phases
         config[TRIAL_INDEX] = self._ot_trials[trial_id].number
         self._configs[trial_id] = config
         return config
@@ -74,7 +82,7 @@ def search_algorithm(spec: Spec):
     for p in grid_points(spec):
         points.append({optuna_name(k): (encode[k].index(v) if k in encode else v) for k, v in p.items()})
     points = [p for p in points if p] * s.num_samples
-    return TrialSearch(s.space, spec.trial_config(), metric=s.metric, mode=s.mode, sampler=sampler,
+    return TrialSearch(s.space, param_space(spec), metric=s.metric, mode=s.mode, sampler=sampler,
                        points_to_evaluate=points or None)
 
 

@@ -9,9 +9,11 @@ so a new strategy or data set brings its own fields. Nothing here imports torch.
 from __future__ import annotations
 
 import copy
-from typing import Annotated, Any, Dict, Iterable, List, Literal, Optional
+from typing import Annotated, Any, ClassVar, Dict, Iterable, List, Literal, Optional, Tuple
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, SerializeAsAny, field_validator, model_validator
+from pydantic import (
+    BaseModel, BeforeValidator, ConfigDict, Field, SerializeAsAny, ValidationInfo, field_validator, model_validator,
+)
 
 from trainables import metrics as M
 
@@ -67,10 +69,27 @@ class DataConfig(Section):
     # imbalance: keep this fraction of the training images of a class, a group of classes
     # (Pets: cat, dog) or every class ("*"), e.g. {cat: 0.2}
     class_fraction: Optional[Dict[str, float]] = None
+    # keep only these classes, by name, relabelled 0..k-1 in this order (a task of a data set:
+    # digits ["0", "1", "2", "3", "4"]); default every class
+    classes: Optional[List[str]] = None
     seed: int = 0  # fixes the splits
     num_workers: Optional[int] = Field(None, ge=0)  # DataLoader workers; default: the trial's CPUs - 1
     # decoded images cached on the node's disk, shared by its trials (trainables/data/cache.py)
     cache: Literal["auto", "off"] = "auto"
+
+    @field_validator("classes", mode="before")
+    @classmethod
+    def _numbers_as_names(cls, v: Any) -> Any:  # digits' classes are "0".."9": YAML reads [0, 1] as numbers
+        if isinstance(v, list):
+            return [str(c) if isinstance(c, int) and not isinstance(c, bool) else c for c in v]
+        return v
+
+    @field_validator("classes")
+    @classmethod
+    def _some_classes_once(cls, v: Optional[List[str]]) -> Optional[List[str]]:
+        if v is not None and (not v or len(set(v)) != len(v)):
+            raise ValueError("data.classes needs one or more class names, each once (or leave it out: every class)")
+        return v
 
     @model_validator(mode="after")
     def _leaves_training_images(self) -> "DataConfig":
@@ -211,6 +230,8 @@ class LossConfig(Section):
 
     name: str
     weight: float = Field(1.0, ge=0)
+    # the kinds of phase the loss works in (L2-SP, LwF: next_task); empty: any
+    phase_kinds: ClassVar[Tuple[str, ...]] = ()
 
 
 def _losses(value: Any) -> Any:
@@ -283,12 +304,18 @@ class TrialSections(Section):
     phases: List[Annotated[SerializeAsAny[PhaseConfig], BeforeValidator(_phase)]] = []
 
     @model_validator(mode="after")
-    def _phases_merge(self) -> "TrialSections":
+    def _phases_merge(self, info: ValidationInfo) -> "TrialSections":
         names = [p.name for p in self.phases]
         if len(set(names)) != len(names):
             raise ValueError(f"phases: names must differ, got {names}")
         for i, _ in enumerate(self.phases):
             self.phase_sections(i)  # each phase's merged sections validate
+        if not self.phases:  # one phase's sections (validated with its kind), or a trial of one train phase
+            kind = (info.context or {}).get("phase_kind", "train")
+            for name, loss in self.losses.items():
+                if loss.phase_kinds and kind not in loss.phase_kinds:
+                    raise ValueError(f"losses.{name} works only in a phase of kind {' or '.join(loss.phase_kinds)}, "
+                                     f"not {kind}; put it under that phase's losses")
         return self
 
     def phase_sections(self, index: int) -> "TrialSections":
@@ -306,7 +333,7 @@ class TrialSections(Section):
         from pydantic import ValidationError
 
         try:
-            return TrialSections.model_validate(base)
+            return TrialSections.model_validate(base, context={"phase_kind": phase.kind})
         except ValidationError as e:  # re-raised with the phase's key path
             said = "; ".join(f"{'.'.join(str(x) for x in err['loc'] if not str(x).startswith('function-'))}: "
                              f"{err['msg'].removeprefix('Value error, ')}" for err in e.errors())
@@ -392,6 +419,8 @@ def applicable(config: Any, keep: Iterable[str] = ()) -> Dict[str, Any]:
         out: Dict[str, Any] = {}
         for k, v in d.items():
             key = f"{prefix}{k}"
+            if isinstance(v, list) and v and all(isinstance(x, dict) for x in v):  # phases: phases.1.train.lr
+                v = {str(i): x for i, x in enumerate(v)}
             if isinstance(v, dict) and v:
                 out.update(flat(v, key + "."))
             elif v is not None and v != {} and v != []:

@@ -23,7 +23,7 @@ from trainables.data.splits import (
 if TYPE_CHECKING:
     from trainables.data.images import ImageSet
 
-__all__ = ["DATASETS", "DataBundle", "DataError", "Source", "build_data", "parse_data_config"]
+__all__ = ["DATASETS", "DataBundle", "DataError", "Source", "build_data", "parse_data_config", "select_classes"]
 
 
 @dataclass
@@ -47,10 +47,29 @@ def parse_data_config(cfg: Any) -> DataConfig:
     return DATASETS.section(DataConfig.model_fields["name"].default)(dict(cfg))
 
 
+def select_classes(source: Source, names: List[str], data_name: str) -> Source:
+    """``source`` with only the classes ``names``, relabelled 0..k-1 in that order (one task of
+    a data set: digits 0-4, then 5-9)."""
+    index = {c: i for i, c in enumerate(source.classes)}
+    unknown = [c for c in names if c not in index]
+    if unknown:
+        valid = ", ".join(source.classes[:40]) + (", ..." if len(source.classes) > 40 else "")
+        raise DataError(f"data.classes: {unknown} {'is not a class' if len(unknown) == 1 else 'are not classes'} "
+                        f"of data set {data_name!r}; its classes: {valid}")
+    keep = [index[c] for c in names]
+    mapping = np.full(len(source.classes), -1, dtype=np.int64)
+    mapping[keep] = np.arange(len(keep))
+    pools = {k: p.subset(np.flatnonzero(np.isin(p.targets, keep))).relabel(mapping) for k, p in source.pools.items()}
+    groups = {g: sorted(int(mapping[c]) for c in members if mapping[c] >= 0) for g, members in source.groups.items()}
+    return Source(pools, list(names), {g: m for g, m in groups.items() if m})
+
+
 def build_data(cfg: Any) -> DataBundle:
     """Load ``cfg.name`` and return train/val/test splits fixed by ``cfg.seed``."""
     cfg = parse_data_config(cfg)
     source = DATASETS.get(cfg.name)(cfg)
+    if cfg.classes is not None:
+        source = select_classes(source, cfg.classes, cfg.name)
     seed = cfg.seed
     pools = dict(source.pools)
     if cfg.max_images:

@@ -29,6 +29,23 @@ class ImageSet(Dataset):
         """The image files, in order, when the set is read from files (else None)."""
         return None
 
+    def relabel(self, mapping: np.ndarray) -> "ImageSet":
+        """The same images with target ``t`` read as ``mapping[t]`` (data.classes)."""
+        return Relabelled(self, np.asarray(mapping, dtype=np.int64))
+
+
+class Relabelled(ImageSet):
+    def __init__(self, base: ImageSet, mapping: np.ndarray):
+        self.base, self.mapping = base, mapping
+        self.targets = mapping[base.targets]
+
+    def __getitem__(self, i: int):
+        image, target = self.base[i]
+        return image, int(self.mapping[target])
+
+    def files(self) -> Optional[List[Path]]:
+        return self.base.files()
+
 
 class Subset(ImageSet):
     def __init__(self, base: ImageSet, indices: np.ndarray):
