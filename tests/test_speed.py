@@ -111,6 +111,43 @@ def test_the_frozen_prefix_cache_trains_exactly_as_the_full_model(tmp_path, monk
     assert len(stored) == 3, "train, val and test outputs, each once"
 
 
+def test_a_prefix_an_earlier_phase_trained_is_cached_from_its_trained_weights(tmp_path, monkeypatch, base_spec):
+    """Phase 1 trains every group, phase 2 is a linear probe: the probe's cached features come
+    from the weights phase 1 left (not the pretrained ones: those are another trial's cache
+    entry), straight and resumed inside phase 2."""
+    monkeypatch.setenv("TL_SWEEP_CACHE", str(tmp_path / "cache"))
+    base_spec["model"] = {"name": "resnet18", "weights": "none"}
+    base_spec["data"].update(max_images=60, image_size=16)
+    base_spec["strategy"] = {"name": "unfreeze_last", "unfreeze_last": 4}
+    base_spec["train"].update(epochs=1, batch_size=16, lr=1e-2)
+    # another trial (same seed, same data) probes the untrained weights first: its cache entry
+    probe_only = dict(base_spec, strategy={"name": "unfreeze_last", "unfreeze_last": 0})
+    assert FineTuneTrial(trial_config(probe_only)).feature_sets is not None
+    base_spec["phases"] = [{"name": "all", "epochs": 1},
+                           {"name": "probe", "epochs": 2, "strategy": {"unfreeze_last": 0}}]
+    runs = {}
+    for mode in ("auto", "off"):
+        base_spec["strategy"]["feature_cache"] = mode
+        reports = []
+        trial = FineTuneTrial(trial_config(base_spec))
+        trial.fit(lambda m, d: reports.append(m), checkpoint=False)
+        runs[mode] = [(m["train/loss"], m["val/loss"]) for m in reports]
+        assert (trial.feature_sets is not None) == (mode == "auto")
+    assert runs["auto"] == pytest.approx(runs["off"], rel=5e-3)
+    base_spec["strategy"]["feature_cache"] = "auto"
+    first = FineTuneTrial(trial_config(base_spec))
+    for _ in range(2):  # phase "all", then the probe's first epoch
+        if first.phase_epoch >= first.phase_epochs(first.phase_index):
+            first.enter_phase(first.phase_index + 1)
+        first.phase.run_epoch()
+    first.save(str(tmp_path))
+    resumed = FineTuneTrial(trial_config(base_spec))
+    resumed.load(str(tmp_path))
+    assert resumed.feature_sets is not None
+    last = resumed.phase.run_epoch()
+    assert (last["train/loss"], last["val/loss"]) == pytest.approx(runs["off"][-1], rel=5e-3)
+
+
 def test_a_second_trial_reuses_the_prefix_outputs(tmp_path, monkeypatch, base_spec):
     monkeypatch.setenv("TL_SWEEP_CACHE", str(tmp_path / "cache"))
     base_spec["model"] = {"name": "resnet18", "weights": "imagenet" if False else "none"}

@@ -101,6 +101,8 @@ class FineTuneTrial:
         """Build what phase ``index`` trains with: data, strategy (its ``prepare`` hook runs
         here, before the optimizer exists), optimizer, supervised loss, extra losses, loaders."""
         s = self.sections(index)
+        if hasattr(self, "optimizer"):  # what the previous phase trained (the feature cache's key needs it)
+            self._touched()
         self.phase_index, self.phase_epoch = index, 0
         self.phase_cfg = s
         kind = self.phases[index].kind if self.phases else "train"
@@ -168,6 +170,8 @@ class FineTuneTrial:
         from trainables import features as FC
 
         self.feature_sets = None
+        if getattr(self.phase, "no_feature_cache", False):
+            return False
         st = s.strategy
         k = self.strategy.frozen_prefix(self.phase_epochs(index))
         transform = train_transform(s.augment, s.data.image_size)
@@ -185,6 +189,10 @@ class FineTuneTrial:
                 "k": k, "data": s.data.model_dump(mode="json", exclude={"num_workers", "cache"}),
                 "strategy": st.model_dump(mode="json") if prepared else st.name, "amp": self.amp,
                 "device": self.device.type, "channels_last": self.channels_last}
+        prefix = [n for g in self.backbone.groups[:k] for n in g.params]
+        trained = sorted(set(prefix) & self.touched)  # weights of the prefix an earlier phase trained
+        if trained:  # then the prefix is not its source's: key the cache by what the weights are now
+            base["trained_prefix"] = _tensor_digest(self.model, trained)
         eval_bs = s.train.eval_batch_size or 2 * s.train.batch_size
         sets = {}
         for split_name in ("train", "val", "test"):
@@ -453,6 +461,9 @@ class FineTuneTrial:
             raise RuntimeError(f"checkpoint {path} does not fit this trial: its frozen weights came from other "
                                f"weights than {self.config.model.weights!r} (or it lacks {sorted(set(missing) & touched)[:5]})")
         self.touched = touched
+        if self.feature_sets is not None and self.phase_index > 0:
+            # the prefix's outputs again, from the weights just loaded (an earlier phase may have trained them)
+            self.use_feature_cache(self.phase_cfg, self.phase_index)
         self.epoch = int(state["epoch"])
         for epoch in range(1, int(state["phase_epoch"]) + 1):  # param groups as they were, in the order they joined
             self._sync_groups(epoch)
@@ -501,6 +512,18 @@ class FineTuneTrial:
                 self.save(d, complete=complete)
                 metrics[M.CHECKPOINT_MB] = (Path(d) / CHECKPOINT_FILE).stat().st_size / 2**20
                 report(metrics, d)
+
+
+def _tensor_digest(model: torch.nn.Module, names) -> str:
+    """A fingerprint of the bytes of the named parameters."""
+    import hashlib
+
+    h = hashlib.sha256()
+    params = dict(model.named_parameters())
+    for n in names:
+        h.update(n.encode())
+        h.update(params[n].detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def _file_digest(path: str) -> str:
