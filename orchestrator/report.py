@@ -27,9 +27,10 @@ from orchestrator.tracking import TAG_BEST, TAG_EPOCHS, TAG_ERROR, TAG_INDEX, TA
 
 CURVES = ("train/loss", "val/loss", "train/acc", "val/acc")
 # The keys a study is about, first the one its plot puts on the x axis.
-STUDY_KEYS = ("strategy.unfreeze_last", "data.label_fraction", "strategy.unfreeze_every", "strategy.bn",
+STUDY_KEYS = ("strategy.fraction", "strategy.rank", "strategy.unfreeze_last", "data.label_fraction", "strategy.unfreeze_every", "strategy.bn",
               "model.name", "semi.method", "train.class_weighting", "train.sampler", "augment.trivial_augment",
-              "augment.cutmix_alpha", "augment.mixup_alpha", "train.optimizer", "strategy.name")
+              "augment.cutmix_alpha", "augment.mixup_alpha", "train.optimizer", "strategy.name", "strategy.method",
+              "strategy.target_groups")
 
 
 @dataclass

@@ -43,6 +43,13 @@ def test_study_runs_shrunk(study, tmp_path, pets_root):
     assert all(c.info.status in ("FINISHED", "KILLED") for c in children)
     if study == "strategy1":
         assert sorted(c.data.params["strategy.unfreeze_last"] for c in children) == ["1", "3"]
+        # the parent names the trial that kept the most val/acc per trainable parameter
+        per_param = {c.info.run_id: max(m.value for m in client.get_metric_history(c.info.run_id, "val/acc"))
+                     / c.data.metrics["model/params_trainable"] for c in children}
+        assert parent.data.tags["tl_sweep.most_efficient_run_id"] == max(per_param, key=per_param.get)
+        assert "trainable parameters" in parent.data.tags["tl_sweep.most_efficient"]
+        counts = {c.data.params["strategy.unfreeze_last"]: c.data.metrics["model/params_trainable"] for c in children}
+        assert counts["1"] < counts["3"] < min(c.data.metrics["model/params_total"] for c in children)
     elif study == "strategy2":
         for c in children:
             if c.info.status == "FINISHED":
