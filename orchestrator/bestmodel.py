@@ -111,7 +111,9 @@ def log_model(sweep: Sweep, best: BestTrial) -> Optional[str]:
                 # an exported program (torch.export): torch alone runs it, without this code
                 pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "numpy"],
                 metadata={"classes": list(best.trial.data.classes), "input": "float32 RGB in [0, 1], NCHW",
-                          "image_size": best.config["data"]["image_size"], "sweep": sweep.id},
+                          "image_size": best.config["data"]["image_size"], "sweep": sweep.id,
+                          # several targets: which outputs are which task's (trainables/tasks.py)
+                          **({"tasks": best.trial.tasks.describe()} if getattr(best.trial, "tasks", None) else {})},
             )
     finally:
         mlflow.set_tracking_uri(before)

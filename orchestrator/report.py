@@ -506,6 +506,8 @@ def errors_info(data: SweepData, worst: int = 16, best=None) -> Optional[Dict[st
     import torch.nn.functional as F
 
     trial, best_id = best.trial, best.run_id
+    if getattr(trial, "tasks", None) is not None:  # several targets: no one confusion matrix (their metrics are logged)
+        return None
     trial.model.eval()
     test = trial.data.test
     C = trial.data.num_classes

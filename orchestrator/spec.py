@@ -111,8 +111,9 @@ class SearchSpec(Section):
     @field_validator("metric")
     @classmethod
     def _reported(cls, v: str) -> str:
-        if v not in M.EPOCH_METRICS:
-            raise ValueError(f"{v!r} is not reported every epoch; use one of {', '.join(M.EPOCH_METRICS)}")
+        if v not in M.EPOCH_METRICS and not M.is_task_metric(v):  # a task's is checked against the targets (Spec)
+            raise ValueError(f"{v!r} is not reported every epoch; use one of {', '.join(M.EPOCH_METRICS)}, "
+                             "or with targets val/<task>/<metric>")
         return v
 
     @model_validator(mode="after")
@@ -161,6 +162,17 @@ class Spec(TrialSections):
     failure: FailureSpec = FailureSpec()
     tracking: TrackingSpec = TrackingSpec()
     storage: StorageSpec = StorageSpec()
+
+    @model_validator(mode="after")
+    def _metric_reported(self) -> "Spec":
+        """search.metric is one the trial reports every epoch: with targets, the tasks' own."""
+        kinds = {name: t.kind for name, t in self.targets.items()}
+        reported = M.task_epoch_metrics(kinds) if kinds else M.EPOCH_METRICS
+        if self.search.metric not in reported:
+            said = "with these targets" if kinds else "without targets"
+            raise ValueError(f"search.metric: {self.search.metric!r} is not reported {said}; use one of "
+                             f"{', '.join(reported)}")
+        return self
 
     def trial_config(self) -> Dict[str, Any]:
         """The fixed part of every trial's config (search values are set on top of it)."""

@@ -44,6 +44,13 @@ class Checker:
                     self.datasets[key] = build_data(s.data)
                 except (DataError, ValueError) as e:
                     raise CheckError(f"{where}data", str(e)) from None
+            if s.targets and classes is None:  # the tasks read their columns: a missing one is found here
+                from trainables.tasks import Tasks
+
+                try:
+                    classes = Tasks(s.targets, self.datasets[key], s.data.image_size).width
+                except (DataError, ValueError) as e:
+                    raise CheckError("targets", str(e)) from None
             classes = classes or self.datasets[key].num_classes
             bkey = (cfg.model.name, cfg.model.weights, classes)
             if bkey not in self.backbones:

@@ -158,7 +158,8 @@ class FeatureSet(torch.utils.data.Dataset):
         for a, d in zip(self.arrays, self.dtypes):
             t = torch.from_numpy(np.array(a[self.view, i]))
             out.append(t.view(torch.bfloat16) if d == "bfloat16" else t)
-        return tuple(out), int(self.targets[i])
+        target = self.targets[i]  # a class, or a target vector of several tasks (trainables/tasks.py)
+        return tuple(out), (int(target) if np.ndim(target) == 0 else torch.from_numpy(np.array(target)))
 
 
 def cached_features(key: str, images: torch.utils.data.Dataset, targets: np.ndarray, views: int,

@@ -5,7 +5,7 @@ Ray Tune, ASHA / Optuna and MLflow. The step of every metric is the epoch (``EPO
 """
 from __future__ import annotations
 
-from typing import Dict, Sequence
+from typing import Dict, Sequence, Tuple
 
 TRAIN, VAL, TEST = "train", "val", "test"
 LOSS, ACC, BALANCED_ACC, MACRO_F1 = "loss", "acc", "balanced_acc", "macro_f1"
@@ -37,9 +37,37 @@ TEST_ACC = key(TEST, ACC)
 EPOCH_METRICS = (VAL_ACC, VAL_LOSS, key(VAL, BALANCED_ACC), key(VAL, MACRO_F1), TRAIN_ACC, TRAIN_LOSS)
 
 
+# With declared targets (trainables/tasks.py) each task reports its own metrics under its name,
+# ``val/<task>/<metric>``, by kind; ``train/loss`` and ``val/loss`` are the weighted sums.
+MAE, NME = "mae", "nme"  # regression: mean absolute error; key points: mean distance / image size
+TASK_METRICS = {"class": (LOSS, ACC, BALANCED_ACC, MACRO_F1), "regression": (LOSS, MAE), "keypoints": (LOSS, NME)}
+LOWER_IS_BETTER = (MAE, NME)
+
+
+def task_key(split: str, task: str, name: str) -> str:
+    return f"{split}/{task}/{name}"
+
+
+def is_task_metric(metric: str) -> bool:
+    """Whether ``metric`` has the form of a per-task metric reported every epoch."""
+    parts = metric.split("/")
+    names = {m for ms in TASK_METRICS.values() for m in ms}
+    return len(parts) == 3 and parts[0] in (TRAIN, VAL) and bool(parts[1]) and parts[2] in names \
+        and (parts[0] == VAL or parts[2] == LOSS)
+
+
+def task_epoch_metrics(kinds: Dict[str, str]) -> Tuple[str, ...]:
+    """The metrics reported every epoch by a trial with targets ``{task: kind}``."""
+    out = [VAL_LOSS, TRAIN_LOSS]
+    for task, kind in kinds.items():
+        out += [task_key(VAL, task, m) for m in TASK_METRICS[kind]] + [task_key(TRAIN, task, LOSS)]
+    return tuple(out)
+
+
 def natural_mode(metric: str) -> str:
-    """'min' for a loss, 'max' for everything else."""
-    return "min" if metric.rsplit("/", 1)[-1].endswith(LOSS) else "max"
+    """'min' for a loss or an error (MAE, NME), 'max' for everything else."""
+    last = metric.rsplit("/", 1)[-1]
+    return "min" if last.endswith(LOSS) or last in LOWER_IS_BETTER else "max"
 
 
 def is_trial_metric(name: str) -> bool:

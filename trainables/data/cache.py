@@ -53,10 +53,11 @@ class CachedImageSet(ImageSet):
     """Images read from a cached uint8 array (memory-mapped: trials on a node share its pages);
     the targets are the pool's own (the same files may be read with other labels)."""
 
-    def __init__(self, folder: Path, targets: np.ndarray):
+    def __init__(self, folder: Path, targets: np.ndarray, table=None):
         meta = json.loads((folder / "meta.json").read_text())
         self.folder = folder
         self.targets = np.asarray(targets)
+        self._table = table  # a table data set's rows (ImageSet.table)
         self.shape = tuple(meta["shape"])
         self._images: Optional[np.memmap] = None  # opened in each process that reads it
 
@@ -72,6 +73,9 @@ class CachedImageSet(ImageSet):
     def __getitem__(self, i: int):
         return torch.from_numpy(np.array(self.images[i])), int(self.targets[i])
 
+    def table(self):
+        return self._table
+
 
 def cached(pool: ImageSet, size: int, mode: str = "auto", workers: int = 0) -> ImageSet:
     """``pool`` read from the node's cache (filled on first use), or ``pool`` itself when it is
@@ -83,7 +87,7 @@ def cached(pool: ImageSet, size: int, mode: str = "auto", workers: int = 0) -> I
     key = fingerprint(files, size)
     folder = root / key
     if (folder / "complete").exists():
-        return CachedImageSet(folder, pool.targets)
+        return CachedImageSet(folder, pool.targets, pool.table())
     need = len(files) * 3 * size * size
     if need > budget_bytes(root):
         return pool
@@ -92,7 +96,7 @@ def cached(pool: ImageSet, size: int, mode: str = "auto", workers: int = 0) -> I
         fcntl.flock(lock, fcntl.LOCK_EX)  # one writer; the others wait, then read what it wrote
         if not (folder / "complete").exists():
             _fill(pool, folder, (len(files), 3, size, size), workers)
-    return CachedImageSet(folder, pool.targets)
+    return CachedImageSet(folder, pool.targets, pool.table())
 
 
 def _fill(pool: ImageSet, folder: Path, shape, workers: int) -> None:

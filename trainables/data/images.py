@@ -33,6 +33,11 @@ class ImageSet(Dataset):
         """The same images with target ``t`` read as ``mapping[t]`` (data.classes)."""
         return Relabelled(self, np.asarray(mapping, dtype=np.int64))
 
+    def table(self):
+        """The rows of a table data set that go with the images, in order (a
+        ``trainables.data.table.Table``: the targets of trainables/tasks.py), else None."""
+        return None
+
 
 class Relabelled(ImageSet):
     def __init__(self, base: ImageSet, mapping: np.ndarray):
@@ -45,6 +50,9 @@ class Relabelled(ImageSet):
 
     def files(self) -> Optional[List[Path]]:
         return self.base.files()
+
+    def table(self):
+        return self.base.table()
 
 
 class Subset(ImageSet):
@@ -62,6 +70,10 @@ class Subset(ImageSet):
     def files(self) -> Optional[List[Path]]:
         base = self.base.files()
         return None if base is None else [base[i] for i in self.indices]
+
+    def table(self):
+        base = self.base.table()
+        return None if base is None else base.take(self.indices)
 
 
 def square_resize(img: torch.Tensor, size: int) -> torch.Tensor:
@@ -119,3 +131,20 @@ class FileImageSet(ImageSet):
                 "Remove or replace the file and run again."
             ) from e
         return square_resize(img, self.image_size), int(self.targets[i])
+
+
+class TableImageSet(ImageSet):
+    """The images of a table data set with their rows (``table()``, trainables/data/table.py);
+    the integer targets are the label column's classes (they stratify the splits), else 0."""
+
+    def __init__(self, images: ImageSet, table, targets: np.ndarray):
+        self.images, self._table, self.targets = images, table, np.asarray(targets)
+
+    def __getitem__(self, i: int):
+        return self.images[i][0], int(self.targets[i])
+
+    def files(self) -> Optional[List[Path]]:
+        return self.images.files()
+
+    def table(self):
+        return self._table

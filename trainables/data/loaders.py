@@ -55,7 +55,10 @@ class SeededView(Dataset):
         if self.transform is not None:
             with torch.random.fork_rng(devices=[]):
                 torch.random.default_generator.manual_seed(seed)
-                x = self.transform(x)
+                if getattr(self.transform, "with_target", False):  # key points move with the pixels (tasks.py)
+                    x, y = self.transform(x, y)
+                else:
+                    x = self.transform(x)
         return x, y
 
 

@@ -306,3 +306,7 @@ def _image_folder(cfg: ImageFolderConfig) -> Source:
         targets = [index[c] for c in classes for _ in scan.get(c, [])]
         pools[split] = FileImageSet(paths, targets, cfg.image_size)
     return Source(pools, classes)
+
+
+# Table data sets (CSV / Parquet, and offline synthetic faces) live in their own module.
+from trainables.data import table as _table  # noqa: E402,F401  (registers table, synthetic_faces)
