@@ -61,12 +61,24 @@ def validate(spec_file: str, overrides: List[str], check: bool) -> None:
     """
     from orchestrator.space import describe, num_trials
 
-    for spec, _, notes in _load(spec_file, overrides):
+    for spec, raw, notes in _load(spec_file, overrides):
         if check:
+            import tempfile
+
+            from orchestrator import lineage
+            from orchestrator.spec import validate as validate_raw
             from orchestrator.sweep import check_configs
+            from orchestrator.sweepdir import InputError
             from trainables.check import check_each
 
-            problems = check_each(check_configs(spec))["problems"]
+            with tempfile.TemporaryDirectory(prefix="tl-sweep-check-") as tmp:
+                try:  # model.weights: sweep:<ref> is checked with the weights it leads to
+                    source = lineage.locate(spec)
+                    if source is not None:
+                        spec = validate_raw(lineage.pinned(raw, lineage.write_weights(source, Path(tmp)), source))
+                except InputError as e:
+                    _fail_input(str(e))
+                problems = check_each(check_configs(spec))["problems"]
             if problems:
                 _fail_input("\n".join(f"{p['label'] + ': ' if p['label'] else ''}{p['key']}: {p['message']}"
                                        for p in problems))

@@ -24,6 +24,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import yaml
 
+from orchestrator import lineage
 from orchestrator import space as sp
 from orchestrator import tuning
 from orchestrator.secrets import forwarded, redact, without_credentials
@@ -316,6 +317,7 @@ class _Created:
 
     def __init__(self) -> None:
         self.folders: List[Path] = []
+        self.files: List[Path] = []
         self.store: Optional[Store] = None
         self.run: Optional[Tuple[Any, str]] = None
 
@@ -333,6 +335,8 @@ class _Created:
         if self.store is not None and not self.store.local:
             with contextlib.suppress(Exception):
                 self.store.remove()
+        for f in self.files:
+            f.unlink(missing_ok=True)
         for i, p in enumerate(self.folders):
             if i == 0:
                 shutil.rmtree(p, ignore_errors=True)  # the sweep's own folder
@@ -366,6 +370,8 @@ def run_sweep(spec: Spec, raw: Dict[str, Any], *, address: Optional[str] = None,
     handler = _configure_logs(Path(tmp))
     created = _Created()
     try:
+        # model.weights: sweep:<ref> becomes a file in the sweep's folder before the checks load it
+        spec, raw, source = _weights_from_sweep(spec, raw, store, created, root / sweep_id, printer)
         init_ray(address, Path(tmp))
         import ray
 
@@ -391,6 +397,8 @@ def run_sweep(spec: Spec, raw: Dict[str, Any], *, address: Optional[str] = None,
         tags = {TAG_SWEEP: sweep_id, TAG_ROLE: "sweep", "tl_sweep.varying": ",".join(searched), **source_tags(_source())}
         if spec.description:
             tags["mlflow.note.content"] = spec.description
+        if source is not None:
+            tags[lineage.TAG_WEIGHTS_FROM] = source.lineage
         parent = client.create_run(exp_id, run_name=sweep_id, tags=tags)
         created.run = (client, parent.info.run_id)
         meta = {
@@ -421,6 +429,22 @@ def run_sweep(spec: Spec, raw: Dict[str, Any], *, address: Optional[str] = None,
         Path(tmp).unlink(missing_ok=True)
         raise
     return _drive(tuner, tracker, live, sweep, client, spec, handler)
+
+
+def _weights_from_sweep(spec: Spec, raw: Dict[str, Any], store: Store, created: "_Created", local: Path, printer):
+    """``model.weights: sweep:<ref>``: the source's best weights written into the new sweep's
+    folder, the spec pinned to that file (orchestrator/lineage.py). The source is located
+    before anything is made: a bad reference leaves nothing behind."""
+    source = lineage.locate(spec, store)
+    if source is None:
+        return spec, raw, None
+    created.folder(local)
+    folder = created.folder(Path(store.path))
+    path = lineage.write_weights(source, folder)
+    created.files.append(path)
+    raw = lineage.pinned(raw, path, source)
+    printer.line(f"model.weights: the best checkpoint of sweep {source.sweep.id} (run {source.run_id}), as {path}")
+    return validate(raw, "spec"), raw, source
 
 
 def check_tracking(uri: str) -> None:

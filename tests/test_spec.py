@@ -229,7 +229,7 @@ def test_a_loss_metric_defaults_to_mode_min(base_spec):
     assert validate(base_spec).search.mode == "min"
 
 
-@pytest.mark.parametrize("study", ["lora", "masked", "compress", "forgetting"])
+@pytest.mark.parametrize("study", ["lora", "masked", "compress", "forgetting", "multitask", "keypoints"])
 def test_each_study_header_gives_a_complete_offline_command(study):
     """One '# Try offline:' line: a whole `tl-sweep run search_spaces/<file>.yaml --set ...`
     command (shell words, nothing after it) whose overrides validate, on offline data only."""
@@ -246,7 +246,7 @@ def test_each_study_header_gives_a_complete_offline_command(study):
     assert rest and all(w == "--set" for w in rest[0::2]) and len(rest) % 2 == 0, rest
     sets = rest[1::2]
     (spec, _, _), = load_specs(path, sets)
-    offline = {"digits", "mnist5k"}
+    offline = {"digits", "mnist5k", "synthetic_faces"}
     assert spec.data.name in offline
     for i, _ in enumerate(spec.phases):
         assert spec.phase_sections(i).data.name in offline

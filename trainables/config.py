@@ -110,7 +110,18 @@ class DiskDataConfig(DataConfig):
 
 class ModelConfig(Section):
     name: str = "resnet18"  # a torchvision classification model, or timm:<name>
-    weights: str = "imagenet"  # imagenet | none | a state-dict file
+    # imagenet | none | a state-dict file | sweep:<name or id>: the best checkpoint of an earlier
+    # sweep, which the driver turns into a file before the sweep starts (orchestrator/lineage.py)
+    weights: str = "imagenet"
+    # where a sweep: reference led (<sweep id>/<run id>): set by the driver, a param of every run
+    weights_from: Optional[str] = None
+
+    @field_validator("weights")
+    @classmethod
+    def _sweep_names_one(cls, v: str) -> str:
+        if v.startswith("sweep:") and not v[len("sweep:"):].strip():
+            raise ValueError("sweep: needs the name or id of a finished sweep, e.g. sweep:ssl_pretrain")
+        return v
 
     @field_validator("name")
     @classmethod
@@ -177,6 +188,9 @@ class TrainConfig(Section):
     effective_beta: float = Field(0.999, gt=0, lt=1)
     sampler: Literal["uniform", "oversample"] = "uniform"
     per_class_metrics: bool = False
+    # joint: the supervised loss trains the whole model; probe: its head learns on detached
+    # features (an online linear probe), so only extra losses shape the encoder (pre-training)
+    supervised: Literal["joint", "probe"] = "joint"
     # For testing fault tolerance: the trial raises at the start of this epoch.
     fail_at_epoch: Optional[int] = Field(None, ge=1)
 
@@ -257,6 +271,101 @@ def _losses(value: Any) -> Any:
     return out
 
 
+# --------------------------------------------------------------------------- targets (multi-task)
+
+
+class TargetConfig(Section):
+    """One task of a multi-task trial (``targets: {<task>: {kind: ..., ...}}``): its columns of
+    a table data set, its slice of the head, its loss and weight (trainables/tasks.py)."""
+
+    kind: str
+    weight: float = Field(1.0, ge=0)  # the task's share of the summed loss
+
+
+class ClassTarget(TargetConfig):
+    """A class column (numbers or text): cross-entropy; acc, balanced_acc, macro_f1."""
+
+    kind: Literal["class"] = "class"
+    column: str
+    loss: Literal["ce"] = "ce"
+
+
+RegressionLoss = Literal["mse", "l1", "smooth_l1"]
+
+
+class RegressionTarget(TargetConfig):
+    """A number column: predicted as (value - center) / scale; MAE in the column's units."""
+
+    kind: Literal["regression"] = "regression"
+    column: str
+    loss: RegressionLoss = "l1"
+    beta: float = Field(0.1, gt=0)  # smooth_l1: quadratic below beta (in standardised units)
+    center: Optional[float] = None  # default: the mean of the training split's values
+    scale: Optional[float] = Field(None, gt=0)  # default: their standard deviation
+
+
+class KeypointsTarget(TargetConfig):
+    """Points in the image (x, y columns, interleaved): they move with the pixels (resize,
+    crop, flip, affine); the loss on offsets from the training split's mean shape, in units of its
+    spread; NME = mean distance / image size."""
+
+    kind: Literal["keypoints"] = "keypoints"
+    columns: Optional[List[str]] = None  # x0, y0, x1, y1, ...
+    column_range: Optional[Tuple[str, str]] = None  # or: the table's columns from first to last, in file order
+    units: Literal["pixels", "relative"] = "pixels"  # of the original image, or fractions of its width / height
+    loss: RegressionLoss = "smooth_l1"
+    beta: float = Field(0.1, gt=0)  # smooth_l1: quadratic below beta (in units of the shapes' spread)
+    # point index pairs that swap under a horizontal flip (a face's left and right eye), 0-based
+    flip_pairs: List[Tuple[int, int]] = []
+
+    @model_validator(mode="after")
+    def _columns_once(self) -> "KeypointsTarget":
+        if (self.columns is None) == (self.column_range is None):
+            raise ValueError("give the x, y columns either as columns: [x0, y0, x1, y1, ...] or as "
+                             "column_range: [first, last]")
+        if self.columns is not None and (not self.columns or len(self.columns) % 2):
+            raise ValueError(f"columns: x and y columns in pairs, got {len(self.columns)} name(s)")
+        flat = [i for pair in self.flip_pairs for i in pair]
+        if any(i < 0 for i in flat) or len(set(flat)) != len(flat):
+            raise ValueError("flip_pairs: point indices >= 0, each in one pair at most")
+        if self.columns is not None and flat and max(flat) >= len(self.columns) // 2:
+            raise ValueError(f"flip_pairs: index {max(flat)} but only {len(self.columns) // 2} points")
+        return self
+
+
+TARGET_KINDS: Dict[str, type] = {"class": ClassTarget, "regression": RegressionTarget, "keypoints": KeypointsTarget}
+
+
+def _targets(value: Any) -> Any:
+    """``targets: {<task>: {kind, ...}}``: each entry validated by its kind's model, every
+    problem reported with its key path (``targets.age.loss``)."""
+    from pydantic import ValidationError
+
+    if not isinstance(value, dict):
+        return value
+    out, errors = {}, []
+    for k, v in value.items():
+        if isinstance(v, TargetConfig) or not isinstance(v, dict):
+            out[k] = v  # the field's type reports a wrong one
+            continue
+        kind = v.get("kind")
+        if kind not in TARGET_KINDS:
+            errors.append({"type": "value_error", "loc": (k, "kind"), "input": kind, "ctx": {
+                "error": ValueError(f"kind must be one of {', '.join(TARGET_KINDS)}")}})
+            continue
+        try:
+            out[k] = TARGET_KINDS[kind].model_validate(v)
+        except ValidationError as e:
+            errors += [{"type": err["type"], "loc": (k, *err["loc"]), "input": err.get("input"),
+                        **({"ctx": err["ctx"]} if "ctx" in err else {})} for err in e.errors()]
+    if errors:
+        raise ValidationError.from_exception_data("targets", errors)
+    return out
+
+
+TaskName = Annotated[str, Field(pattern=r"^[A-Za-z][A-Za-z0-9_]*$")]  # a metric key's segment: val/<task>/mae
+
+
 class PhaseConfig(Section):
     """One phase of a trial. Its sections override the trial's (deep-merged); its metrics are
     also logged under ``<name>/`` when the phase ends."""
@@ -301,6 +410,9 @@ class TrialSections(Section):
     augment: AugmentConfig = AugmentConfig()
     semi: SemiConfig = SemiConfig()
     losses: Annotated[Dict[str, SerializeAsAny[LossConfig]], BeforeValidator(_losses)] = {}
+    # several targets of a table data set, each with its own head slice, loss, weight and metrics;
+    # none: one classification task (data set's classes, cross-entropy), as always
+    targets: Annotated[Dict[TaskName, SerializeAsAny[TargetConfig]], BeforeValidator(_targets)] = {}
     phases: List[Annotated[SerializeAsAny[PhaseConfig], BeforeValidator(_phase)]] = []
 
     @model_validator(mode="after")
@@ -316,6 +428,36 @@ class TrialSections(Section):
                 if loss.phase_kinds and kind not in loss.phase_kinds:
                     raise ValueError(f"losses.{name} works only in a phase of kind {' or '.join(loss.phase_kinds)}, "
                                      f"not {kind}; put it under that phase's losses")
+        return self
+
+    @model_validator(mode="after")
+    def _targets_fit(self) -> "TrialSections":
+        """Declared targets replace the one classification task: what works only with class
+        labels is refused, naming its keys."""
+        if not self.targets:
+            if getattr(self.data, "label_column", "") is None:  # a table: which column is the class?
+                raise ValueError(f"data.name {self.data.name}: set data.label_column (one classification task) or "
+                                 "declare targets: {<task>: {kind: class | regression | keypoints, ...}}")
+            return self
+        if not getattr(type(self.data), "has_columns", False):
+            raise ValueError(f"targets: data set {self.data.name!r} has no columns to learn; use data.name table "
+                             "(a CSV or Parquet file) or synthetic_faces")
+        a, t = self.augment, self.train
+        off = []
+        if a.cutmix_alpha > 0 or a.mixup_alpha > 0:
+            off.append("augment.cutmix_alpha / augment.mixup_alpha (they mix class labels)")
+        if t.class_weighting != "none":
+            off.append("train.class_weighting (weights of one task's classes)")
+        if self.semi.method != "none":
+            off.append("semi.method (its pseudo labels are one task's classes)")
+        if getattr(self.strategy, "method", None) == "fisher":
+            off.append("strategy.method fisher (its scores come from the cross-entropy; use magnitude)")
+        if a.trivial_augment and any(x.kind == "keypoints" for x in self.targets.values()):
+            off.append("augment.trivial_augment (it cannot move key points with the pixels)")
+        off += [f"phases.{i}.kind {p.kind} (it measures one classification head; use kind train)"
+                for i, p in enumerate(self.phases) if p.kind != "train"]
+        if off:
+            raise ValueError("targets: these work only with one classification task: " + "; ".join(off))
         return self
 
     def phase_sections(self, index: int) -> "TrialSections":

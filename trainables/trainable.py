@@ -33,6 +33,7 @@ from trainables.optim import build_optimizer
 from trainables.phases import PHASES
 from trainables.schedules import group_lr
 from trainables.strategies import STRATEGIES, Strategy
+from trainables.tasks import Tasks
 
 CHECKPOINT_FILE = "checkpoint.pt"
 
@@ -74,7 +75,8 @@ class FineTuneTrial:
         self.touched: set = set()  # parameters an optimizer of this trial has held
         first = self.sections(0)
         self.data = build_data(first.data)
-        self.backbone = build_backbone(c.model, self.data.num_classes)
+        self.tasks = Tasks.build(first, self.data)  # targets: several tasks on one head; None: one classification task
+        self.backbone = build_backbone(c.model, self.tasks.width if self.tasks else self.data.num_classes)
         self.model = self.backbone.model.to(self.device)
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
@@ -112,6 +114,8 @@ class FineTuneTrial:
             if data.num_classes != self.data.num_classes and not getattr(self.phase, "new_head", False):
                 raise ValueError(f"phases.{index}: its data set has {data.num_classes} classes, the trial's head "
                                  f"{self.data.num_classes}; phases of a trial share one head")
+            if self.tasks is not None:
+                self.tasks.attach(data, s.data.image_size)
             self.data = data
         start = getattr(self.phase, "start", None)
         if start is not None:  # a phase that changes the model (a new head, pruning) does it here
@@ -135,7 +139,10 @@ class FineTuneTrial:
         per_item = None
         if t.sampler == "oversample":  # every class equally likely per draw, with replacement
             per_item = (1.0 / counts.clamp(min=1).double())[torch.as_tensor(self.data.train.targets)]
-        self.loaders = {"train": seeded_loader(self.data.train, train_transform(a, s.data.image_size), t.batch_size,
+        transform = train_transform(a, s.data.image_size)
+        if self.tasks is not None:  # key points move with the pixels
+            transform = self.tasks.train_transform(transform, s.data.image_size)
+        self.loaders = {"train": seeded_loader(self.data.train, transform, t.batch_size,
                                                self.generator, self.num_workers, self.pin_memory, per_item)}
         eval_bs = t.eval_batch_size or 2 * t.batch_size
         for split in ("val", "test"):
@@ -150,6 +157,24 @@ class FineTuneTrial:
         for k, (name, cfg) in enumerate(s.losses.items()):
             self.components[name] = LOSSES.get(name)(cfg, self, base + 2 + k)
         self.components = {k: c for k, c in self.components.items() if c.active}
+        for name, comp in self.components.items():  # a component's own weights (a pretext head) train at train.lr
+            params = comp.parameters()
+            if params:
+                self.optimizer.add_param_group({"params": params, "lr": t.lr, "base_lr": t.lr, "joined": 0,
+                                                "name": f"losses.{name}"})
+        self._probe(t.supervised == "probe")
+
+    def _probe(self, on: bool) -> None:
+        """train.supervised probe: the head's input is detached, so the supervised loss trains the
+        head alone (an online linear probe) and only the extra losses shape the encoder."""
+        from trainables.losses.ssl import head_module
+
+        if getattr(self, "_probe_hook", None) is not None:
+            self._probe_hook.remove()
+        self._probe_hook = None
+        if on:
+            self._probe_hook = head_module(self.model, self.backbone).register_forward_pre_hook(
+                lambda m, args: tuple(a.detach() for a in args))
 
     def calibration_batches(self, n: int):
         """Up to ``n`` training batches, normalised and on the device, for a strategy's
@@ -172,12 +197,16 @@ class FineTuneTrial:
         self.feature_sets = None
         if getattr(self.phase, "no_feature_cache", False):
             return False
+        if any(getattr(LOSSES.get(n), "needs_images", False) and c.weight > 0 for n, c in s.losses.items()):
+            return False  # a pretext task makes its views from the images
         st = s.strategy
         k = self.strategy.frozen_prefix(self.phase_epochs(index))
         transform = train_transform(s.augment, s.data.image_size)
         views = st.feature_cache_views if transform is not None else 1
         if st.feature_cache == "off" or k < 1 or views < 1 or self.mix.active:
             return False
+        if transform is not None and self.tasks is not None and self.tasks.moves_with_pixels:
+            return False  # each view's key points moved with it: the cache keeps one target per image
         split = FC.split_at(self.model, self.backbone.groups, k)
         if split is None or not self._batch_outputs(split):
             return False
@@ -202,7 +231,7 @@ class FineTuneTrial:
             key = FC.key_of({**base, "split": split_name, "views": n,
                              "augment": s.augment.model_dump(mode="json") if augmented else None})
             sets[split_name] = FC.cached_features(
-                key, images, images.targets, n,
+                key, images, getattr(images, "values", images.targets), n,  # tasks' target vectors, or classes
                 lambda view, images=images, aug=augmented: self._prefix_outputs(split, images, view, aug, transform, eval_bs))
         t = s.train
         self.loaders = {"train": seeded_loader(sets["train"], None, t.batch_size, self.generator, 0, False,
@@ -286,6 +315,8 @@ class FineTuneTrial:
             x, target = self.mix(x, y)  # soft targets: each row sums to 1
         with self.autocast():
             logits = self.forward(*x) if isinstance(x, tuple) else self.forward(x)
+        if self.tasks is not None:  # declared targets: the tasks' weighted losses on their slices of the head
+            return self.tasks.loss(logits.float(), y, self.phase_cfg.train.label_smoothing), logits, None
         loss = F.cross_entropy(logits.float(), target, weight=self.loss_weights,
                                label_smoothing=self.phase_cfg.train.label_smoothing)
         return loss, logits, (y if target is y else target.argmax(1))
@@ -301,7 +332,7 @@ class FineTuneTrial:
         self.strategy.after_backward(self.model)
         self.optimizer.step()
         self.strategy.after_step(self.model)
-        return loss.detach(), (logits.argmax(1) == hard).sum()
+        return loss.detach(), (logits.argmax(1) == hard).sum() if hard is not None else loss.new_zeros((), dtype=torch.long)
 
     def train_one_epoch(self) -> Dict[str, float]:
         self.epoch += 1
@@ -354,6 +385,9 @@ class FineTuneTrial:
             M.IMAGES_PER_S: seen / max(elapsed, 1e-9),
         })
         out.update(self.size_metrics())
+        if self.tasks is not None:  # each task's loss; there is no one accuracy
+            del out[M.TRAIN_ACC]
+            out.update(self.tasks.epoch_metrics())
         return out
 
     def size_metrics(self) -> Dict[str, float]:
@@ -383,6 +417,8 @@ class FineTuneTrial:
     def evaluate(self, split: str = M.VAL) -> Dict[str, float]:
         """Loss, accuracy, balanced accuracy and macro-F1 (and per class, and reduced vs other
         classes, when asked or when data.class_fraction cut some classes down)."""
+        if self.tasks is not None:  # declared targets: each task's metrics (trainables/tasks.py)
+            return self.tasks.evaluate(self, split)
         self.model.eval()
         C = self.data.num_classes
         confusion = torch.zeros(C, C, dtype=torch.long, device=self.device)

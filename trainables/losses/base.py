@@ -10,7 +10,7 @@ No torch at module level: the registries are read when a spec is validated.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Dict, Optional
+from typing import TYPE_CHECKING, Any, Dict, List, Optional
 
 from trainables.config import LossConfig, SemiConfig
 from trainables.metrics import TRAIN, key
@@ -45,6 +45,12 @@ class LossComponent:
     def loss(self, x: "torch.Tensor", y: "torch.Tensor") -> "torch.Tensor":
         """This step's loss; ``x``, ``y`` are the labelled batch (normalised, on the device)."""
         raise NotImplementedError
+
+    def parameters(self) -> List["torch.nn.Parameter"]:
+        """Weights of the component's own that train with the model (a pretext task's head):
+        the trial gives them one optimizer param group at the phase's ``train.lr``; their values
+        belong in ``state_dict``."""
+        return []
 
     # ------------------------------------------------------------------ epoch metrics
     def track(self, **values: "torch.Tensor") -> None:
