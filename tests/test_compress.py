@@ -229,6 +229,16 @@ def test_a_bad_compress_phase_is_refused_with_its_key(change, needle):
     assert any(p.startswith(needle) for p in e.value.problems), e.value.problems
 
 
+def test_a_compress_phase_must_be_the_last():
+    spec = _compress_spec()
+    spec["phases"].append({"name": "after", "epochs": 1})
+    with pytest.raises(SpecError) as e:
+        validate(spec)
+    assert any("a compress phase must be the last one" in p and "move it after 'after'" in p
+               for p in e.value.problems), e.value.problems
+    validate(_compress_spec())  # last: fine
+
+
 # --------------------------------------------------------------------------- the study, shrunk
 
 

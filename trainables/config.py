@@ -420,8 +420,12 @@ class TrialSections(Section):
         names = [p.name for p in self.phases]
         if len(set(names)) != len(names):
             raise ValueError(f"phases: names must differ, got {names}")
-        for i, _ in enumerate(self.phases):
+        for i, phase in enumerate(self.phases):
             self.phase_sections(i)  # each phase's merged sections validate
+            if getattr(phase, "last_only", False) and i < len(self.phases) - 1:
+                raise ValueError(f"phases.{i} ({phase.name}): a {phase.kind} phase must be the last one (it changes "
+                                 f"the model for good and measures it at its end); move it after "
+                                 f"{self.phases[-1].name!r}")
         if not self.phases:  # one phase's sections (validated with its kind), or a trial of one train phase
             kind = (info.context or {}).get("phase_kind", "train")
             for name, loss in self.losses.items():

@@ -26,7 +26,7 @@ then the checkpoint puts back the masks, the measurements before and the weights
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Dict, Literal, Optional
+from typing import TYPE_CHECKING, Any, ClassVar, Dict, Literal, Optional
 
 from pydantic import Field, field_validator
 
@@ -48,6 +48,8 @@ class CompressConfig(PhaseConfig):
     quantize: Literal["none", "dynamic", "static"] = "none"
     calibration_batches: int = Field(8, ge=1)  # training batches a static quantization observes
     latency_repeats: int = Field(20, ge=1)  # timed forward passes per batch size
+    # a later phase's optimizer would not keep the pruning masks, nor its measurements hold
+    last_only: ClassVar[bool] = True
 
     @field_validator("epochs")
     @classmethod
