@@ -54,6 +54,25 @@ def shrunk(extra: Dict[str, object] | None = None) -> List[str]:
     return args
 
 
+def offline_command(study: str):
+    """The study's one '# Try offline:' header line, checked to be a whole `tl-sweep run
+    search_spaces/<study>.yaml --set ...` command (shell words, nothing after it): the spec its
+    overrides give, and the overrides."""
+    import shlex
+
+    from orchestrator.spec import load_specs
+
+    path = SEARCH_SPACES / f"{study}.yaml"
+    lines = [ln for ln in path.read_text().splitlines() if ln.startswith("# Try offline:")]
+    assert len(lines) == 1, lines
+    words = shlex.split(lines[0][len("# Try offline:"):])
+    assert words[:3] == ["tl-sweep", "run", f"search_spaces/{study}.yaml"]
+    rest = words[3:]
+    assert rest and all(w == "--set" for w in rest[0::2]) and len(rest) % 2 == 0, rest
+    (spec, _, _), = load_specs(path, rest[1::2])
+    return spec, rest[1::2]
+
+
 @pytest.fixture
 def base_spec() -> Dict:
     return copy.deepcopy(BASE_SPEC)

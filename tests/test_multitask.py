@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
-import shlex
 import sys
 from types import SimpleNamespace
 
@@ -15,7 +14,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import SEARCH_SPACES, run_cli, save_jpeg, trial_config
+from conftest import SEARCH_SPACES, offline_command, run_cli, save_jpeg, trial_config
 from orchestrator.spec import SpecError, load_specs, validate
 from trainables.config import ClassTarget, KeypointsTarget, RegressionTarget
 from trainables.data import DataError, build_data
@@ -434,13 +433,7 @@ def test_the_feature_cache_keeps_each_images_target_vector(tmp_path, monkeypatch
 @pytest.mark.parametrize("study", ["multitask", "keypoints"])
 def test_each_study_header_gives_a_complete_offline_command(study):
     path = SEARCH_SPACES / f"{study}.yaml"
-    lines = [ln for ln in path.read_text().splitlines() if ln.startswith("# Try offline:")]
-    assert len(lines) == 1, lines
-    words = shlex.split(lines[0][len("# Try offline:"):])
-    assert words[:3] == ["tl-sweep", "run", f"search_spaces/{study}.yaml"]
-    rest = words[3:]
-    assert rest and all(w == "--set" for w in rest[0::2]) and len(rest) % 2 == 0, rest
-    (spec, _, _), = load_specs(path, rest[1::2])
+    spec, _ = offline_command(study)
     assert spec.data.name == "synthetic_faces"
     assert spec.model.name == "timm:tf_efficientnet_lite0" and spec.model.weights == "imagenet"
     (full, _, _), = load_specs(path)
@@ -452,9 +445,7 @@ def test_each_study_header_gives_a_complete_offline_command(study):
 
 
 def offline_sets(study: str):
-    line = next(ln for ln in (SEARCH_SPACES / f"{study}.yaml").read_text().splitlines() if ln.startswith("# Try offline:"))
-    words = shlex.split(line[len("# Try offline:"):])[3:]
-    return [w for w in words[1::2] if not w.startswith("storage.path=")]
+    return [w for w in offline_command(study)[1] if not w.startswith("storage.path=")]
 
 
 E2E = {

@@ -233,19 +233,9 @@ def test_a_loss_metric_defaults_to_mode_min(base_spec):
 def test_each_study_header_gives_a_complete_offline_command(study):
     """One '# Try offline:' line: a whole `tl-sweep run search_spaces/<file>.yaml --set ...`
     command (shell words, nothing after it) whose overrides validate, on offline data only."""
-    import shlex
+    from conftest import offline_command
 
-    from orchestrator.spec import load_specs
-
-    path = SEARCH_SPACES / f"{study}.yaml"
-    lines = [ln for ln in path.read_text().splitlines() if ln.startswith("# Try offline:")]
-    assert len(lines) == 1, lines
-    words = shlex.split(lines[0][len("# Try offline:"):])
-    assert words[:3] == ["tl-sweep", "run", f"search_spaces/{study}.yaml"]
-    rest = words[3:]
-    assert rest and all(w == "--set" for w in rest[0::2]) and len(rest) % 2 == 0, rest
-    sets = rest[1::2]
-    (spec, _, _), = load_specs(path, sets)
+    spec, _ = offline_command(study)
     offline = {"digits", "mnist5k", "synthetic_faces"}
     assert spec.data.name in offline
     for i, _ in enumerate(spec.phases):

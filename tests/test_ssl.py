@@ -5,15 +5,14 @@ from __future__ import annotations
 import copy
 import json
 import math
-import shlex
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
-from conftest import BASE_SPEC, SEARCH_SPACES, run_cli, trial_config
-from orchestrator.spec import SpecError, load_specs, validate
+from conftest import BASE_SPEC, SEARCH_SPACES, offline_command, run_cli, trial_config
+from orchestrator.spec import SpecError, validate
 from trainables.losses.ssl import grayscale, head_module, nt_xent, rgb_to_lab, rotate
 from trainables.trainable import FineTuneTrial
 
@@ -244,18 +243,6 @@ def test_pretext_fields_are_validated_with_their_key_path():
 
 
 OFFLINE = ("digits", "mnist5k")
-
-
-def offline_command(study: str):
-    path = SEARCH_SPACES / f"{study}.yaml"
-    lines = [ln for ln in path.read_text().splitlines() if ln.startswith("# Try offline:")]
-    assert len(lines) == 1, lines
-    words = shlex.split(lines[0][len("# Try offline:"):])
-    assert words[:3] == ["tl-sweep", "run", f"search_spaces/{study}.yaml"]
-    rest = words[3:]
-    assert rest and all(w == "--set" for w in rest[0::2]) and len(rest) % 2 == 0, rest
-    (spec, _, _), = load_specs(path, rest[1::2])
-    return spec, rest[1::2]
 
 
 @pytest.mark.parametrize("study", ["ssl_pretrain", "ssl_finetune", "ssl_joint"])
