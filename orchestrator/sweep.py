@@ -733,19 +733,19 @@ def summarize(client, sweep: Sweep) -> None:
     params = [Param(f"best.{k}", v) for k, v in best.values.items() if f"best.{k}" not in existing]
     import time
 
-    client.log_batch(meta["parent_run_id"], metrics=[Metric(f"best/{meta['metric']}", best.best, int(time.time() * 1000), 0)],
-                     params=params, tags=[RunTag("tl_sweep.best_trial", run.info.run_name),
-                                          RunTag("tl_sweep.best_run_id", best.run_id)])
-    client.log_text(meta["parent_run_id"], export_best(sweep, 1), "best.yaml")
+    now = int(time.time() * 1000)
+    metrics = [Metric(f"best/{meta['metric']}", best.best, now, 0)]
+    tags = [RunTag("tl_sweep.best_trial", run.info.run_name), RunTag("tl_sweep.best_run_id", best.run_id)]
     efficient = most_efficient(ranked, meta["mode"])
     if efficient is not None:  # which configuration kept the most of the metric per trainable weight
         values = ", ".join(f"{k}={v}" for k, v in efficient.values.items())
-        client.set_tag(meta["parent_run_id"], "tl_sweep.most_efficient_run_id", efficient.run_id)
-        client.set_tag(meta["parent_run_id"], "tl_sweep.most_efficient", (
+        tags += [RunTag("tl_sweep.most_efficient_run_id", efficient.run_id), RunTag("tl_sweep.most_efficient", (
             f"trial {efficient.trial}{' (' + values + ')' if values else ''}: {meta['metric']}={efficient.best:.4f} "
-            f"with {int(efficient.trainable):,} trainable parameters"))
-        client.log_metric(meta["parent_run_id"], f"most_efficient/{meta['metric']}_per_mparam",
-                          efficient.best / efficient.trainable * 1e6)
+            f"with {int(efficient.trainable):,} trainable parameters"))]
+        metrics.append(Metric(f"most_efficient/{meta['metric']}_per_mparam", efficient.best / efficient.trainable * 1e6,
+                              now, 0))
+    client.log_batch(meta["parent_run_id"], metrics=metrics, params=params, tags=tags)
+    client.log_text(meta["parent_run_id"], export_best(sweep, 1), "best.yaml")
 
 
 def _log_best_checkpoint(client, meta: Dict[str, Any], grid, spec: Spec) -> None:
