@@ -28,6 +28,7 @@ from orchestrator import lineage
 from orchestrator import space as sp
 from orchestrator import tuning
 from orchestrator.secrets import forwarded, redact, without_credentials
+from trainables.config import READING_FIELDS
 from trainables.secrets import brokered
 from orchestrator.spec import Spec, get_path, set_path, validate
 from orchestrator.sweepdir import (
@@ -107,7 +108,7 @@ def datasets_of(found: Dict[str, Dict[str, Any]]):
     """The MLflow input of a trial's data set, looked up by its data config."""
 
     def lookup(config: Dict[str, Any]):
-        source = {k: v for k, v in config["data"].items() if k not in ("num_workers", "cache")}
+        source = {k: v for k, v in config["data"].items() if k not in READING_FIELDS}
         info = found.get(json.dumps(source, sort_keys=True))
         return dataset_input(info) if info else None
 

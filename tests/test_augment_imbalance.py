@@ -8,7 +8,7 @@ import torch
 from conftest import trial_config
 from trainables.config import AugmentConfig
 from trainables.data import DataError, build_data
-from trainables.data.loaders import SeededView
+from trainables.data.loaders import DeviceAugmented, SeededView
 from trainables.data.transforms import train_transform
 from trainables.metrics import confusion_metrics
 from trainables.mixing import BatchMix, class_weights
@@ -46,8 +46,35 @@ def test_train_transform_only_when_asked_and_only_for_training(base_spec):
     base_spec["data"].update(image_size=16)
     base_spec["augment"] = {"hflip": True}
     trial = FineTuneTrial(trial_config(base_spec))
-    assert trial.loaders["train"].dataset.transform is not None
+    assert isinstance(trial.loaders["train"], DeviceAugmented) and trial.loaders["train"].dataset.transform is None
     assert not isinstance(trial.loaders["val"].dataset, SeededView), "no augmentation outside training"
+    base_spec["augment"] = {"hflip": True, "batched": False}
+    trial = FineTuneTrial(trial_config(base_spec))
+    assert trial.augment is None and trial.loaders["train"].dataset.transform is not None
+
+
+def test_batched_augmentation_makes_each_image_as_its_per_image_transform_would():
+    from trainables.data.transforms import BatchAugment
+
+    tf = train_transform(AugmentConfig(hflip=True, rotation=20, scale_jitter=0.2, crop_scale_min=0.3,
+                                       random_erasing=0.7), 24)
+    batched = BatchAugment.of(tf)
+    x = torch.randint(0, 255, (12, 3, 24, 24), dtype=torch.uint8)
+    seeds = [int(s) for s in torch.randint(0, 2**62, (12,), generator=torch.Generator().manual_seed(3))]
+    torch.manual_seed(0)
+    state = torch.get_rng_state()
+    out = batched(x, seeds)
+    assert torch.equal(torch.get_rng_state(), state), "the caller's random state is left alone"
+    one_by_one = []
+    for img, seed in zip(x, seeds):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            one_by_one.append(tf(img))
+    assert out.dtype == torch.uint8 and torch.equal(out, torch.stack(one_by_one))
+    assert torch.equal(batched(x[5:7], seeds[5:7]), out[5:7]), "an image depends on its own seed alone"
+    assert sum(not torch.equal(o, i) for o, i in zip(out, x)) >= 10
+    # an op chosen inside the transform (TrivialAugment) cannot be drawn ahead: per image, in workers
+    assert BatchAugment.of(train_transform(AugmentConfig(hflip=True, trivial_augment=True), 24)) is None
 
 
 def test_class_weights_match_the_counts():

@@ -67,3 +67,35 @@ def test_a_compiled_model_trains_like_the_eager_one(cuda_spec):
     cuda_spec["train"]["compile"] = True
     FineTuneTrial(trial_config(cuda_spec)).fit(lambda m, d: compiled.append(m), checkpoint=False)
     assert compiled[-1]["train/loss"] == pytest.approx(eager[-1]["train/loss"], rel=0.05)
+
+
+def test_batched_augmentation_on_the_gpu_makes_the_cpus_images():
+    from trainables.config import AugmentConfig
+    from trainables.data.loaders import on_device
+    from trainables.data.transforms import BatchAugment, train_transform
+
+    augment = BatchAugment.of(train_transform(AugmentConfig(hflip=True, rotation=10, crop_scale_min=0.4,
+                                                            random_erasing=0.5), 64))
+    x = torch.randint(0, 255, (16, 3, 64, 64), dtype=torch.uint8)
+    seeds = list(range(16))
+    cpu = augment(x, seeds).float()
+    gpu = on_device(augment, x, seeds, torch.device("cuda"))
+    assert gpu.is_cuda and gpu.dtype == torch.float32
+    assert (gpu.cpu() - cpu).abs().mean() < 1.0, "the same crops, flips, rotations and erasing; float rounding"
+
+
+def test_jpegs_are_decoded_on_the_gpu_without_the_cache(tmp_path, monkeypatch, cuda_spec):
+    from test_speed import _folder, folder_cfg
+    from trainables.data.decode import DeviceDecoded
+
+    monkeypatch.setenv("TL_SWEEP_CACHE", str(tmp_path / "cache"))
+    cuda_spec["data"] = folder_cfg(_folder(tmp_path / "imgs", n=12), cache="off")
+    cuda_spec["augment"] = {"hflip": True, "crop_scale_min": 0.6}
+    trial = FineTuneTrial(trial_config(cuda_spec))
+    assert all(isinstance(trial.loaders[s], DeviceDecoded) for s in ("train", "val", "test")), "auto: nvJPEG on CUDA"
+    x, _ = next(iter(trial.loaders["val"]))
+    assert x.is_cuda and x.shape[1:] == (3, 24, 24)
+    pil = torch.stack([trial.data.val[i][0] for i in range(len(x))]).float()
+    assert (x.cpu().float() - pil).abs().mean() < 2.0, "nvJPEG and libjpeg-turbo agree to a level or two"
+    m = trial.train_one_epoch()
+    assert torch.isfinite(torch.tensor(m["train/loss"]))

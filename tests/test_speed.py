@@ -71,11 +71,17 @@ def test_training_with_the_cache_is_training_without_it(tmp_path, monkeypatch, b
     base_spec["data"] = folder_cfg(root)
     base_spec["augment"] = {"hflip": True, "crop_scale_min": 0.6}
     base_spec["train"].update(epochs=2, batch_size=8)
+    base_spec["data"]["num_workers"] = 1
     runs = {}
     for mode in ("off", "auto"):
         base_spec["data"]["cache"] = mode
         reports = []
-        FineTuneTrial(trial_config(base_spec)).fit(lambda m, d: reports.append(m), checkpoint=False)
+        trial = FineTuneTrial(trial_config(base_spec))
+        # workers decode the files; the cache is read in the training process (a copy per image)
+        want = 1 if mode == "off" else 0
+        assert [trial.loaders[s].num_workers for s in ("val", "test")] == [want, want]
+        assert trial.loaders["train"].loader.num_workers == want
+        trial.fit(lambda m, d: reports.append(m), checkpoint=False)
         runs[mode] = [(m["train/loss"], m["val/acc"]) for m in reports]
     assert runs["auto"] == pytest.approx(runs["off"], rel=1e-6), "same seeds, same pixels: the same trial"
 
@@ -214,3 +220,46 @@ def test_a_lean_checkpoint_holds_what_trained_and_resumes_exactly(tmp_path, base
     other = dict(cfg, train=dict(cfg["train"], seed=cfg["train"]["seed"] + 5))  # other random frozen weights
     with pytest.raises(RuntimeError, match="frozen weights came from other weights"):
         FineTuneTrial(other).load(str(tmp_path / "epoch1"))
+
+
+def test_jpegs_decoded_on_the_device_train_as_the_workers_decoding_them(tmp_path, monkeypatch, base_spec):
+    from trainables.data.decode import DeviceDecoded, decodable
+
+    monkeypatch.setenv("TL_SWEEP_CACHE", str(tmp_path / "cache"))
+    root = _folder(tmp_path / "imgs", n=12)
+    base_spec["model"] = {"name": "resnet18", "weights": "none"}
+    base_spec["data"] = folder_cfg(root, cache="off", num_workers=1)
+    base_spec["augment"] = {"hflip": True, "crop_scale_min": 0.6}
+    base_spec["train"].update(epochs=2, batch_size=8)
+    runs = {}
+    for mode in ("workers", "device"):
+        base_spec["data"]["decode"] = mode
+        trial = FineTuneTrial(trial_config(base_spec))
+        if mode == "device":  # the workers read bytes; the training process decodes (libjpeg-turbo here, nvJPEG on CUDA)
+            assert all(isinstance(trial.loaders[s], DeviceDecoded) for s in ("train", "val", "test"))
+            assert trial.loaders["train"].num_workers == 1
+            x, _ = next(iter(trial.loaders["val"]))
+            assert x.dtype == torch.uint8 and x.shape[1:] == (3, 24, 24)
+            assert torch.equal(x, torch.stack([trial.data.val[i][0] for i in range(len(x))])), "the pixels PIL gives"
+        reports = []
+        trial.fit(lambda m, d: reports.append(m), checkpoint=False)
+        runs[mode] = [(m["train/loss"], m["val/acc"], m["test/acc"] if "test/acc" in m else None) for m in reports]
+    assert runs["device"] == pytest.approx(runs["workers"], rel=1e-6)
+    data = build_data(folder_cfg(root, cache="off"))
+    assert not decodable(data.train, "auto", torch.device("cpu")), "auto decodes on the device on CUDA only"
+    assert decodable(data.train, "device", torch.device("cpu")) and not decodable(data.train, "workers", torch.device("cpu"))
+    assert not decodable(build_data(folder_cfg(root)).train, "device", torch.device("cpu")), "the cache holds decoded images"
+    base_spec["augment"] = {"trivial_augment": True}  # per image, in the workers: they decode too
+    assert not isinstance(FineTuneTrial(trial_config(base_spec)).loaders["train"], DeviceDecoded)
+
+
+def test_a_jpeg_that_does_not_decode_on_the_device_is_named(tmp_path):
+    from trainables.data import DataError
+    from trainables.data.decode import decode_batch, read_bytes
+
+    root = _folder(tmp_path / "imgs", n=2)
+    bad = root / "cat" / "1.jpg"
+    bad.write_bytes(bad.read_bytes()[:200])  # truncated
+    files = sorted(root.glob("*/*.jpg"))
+    with pytest.raises(DataError, match=r"cannot read image .*cat/1\.jpg.*data\.decode: workers"):
+        decode_batch([read_bytes(f) for f in files], files, 24, torch.device("cpu"))

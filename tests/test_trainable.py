@@ -84,13 +84,25 @@ def test_a_non_finite_loss_stops_the_trial(tiny):
 
 def test_resume_is_exact_with_dataloader_workers_and_augmentation(tiny, tmp_path):
     # every image's random transform runs under its own seed, drawn from the checkpointed generator
-    cfg = dict(tiny, data=dict(tiny["data"], num_workers=2), augment=dict(tiny["augment"], hflip=True, rotation=15))
+    aug = dict(tiny["augment"], hflip=True, rotation=15, crop_scale_min=0.5, batched=False)
+    cfg = dict(tiny, data=dict(tiny["data"], num_workers=2), augment=aug)
+    assert FineTuneTrial(cfg).loaders["train"].num_workers == 2
     straight, rest, _ = straight_and_resumed(cfg, tmp_path)
     assert [m["train/loss"] for m in rest] == pytest.approx([m["train/loss"] for m in straight[1:]], rel=1e-6)
     again = []
     FineTuneTrial(dict(cfg, data=dict(cfg["data"], num_workers=0))).fit(lambda m, d: again.append(m), checkpoint=False)
     assert [m["train/loss"] for m in again] == pytest.approx([m["train/loss"] for m in straight], rel=1e-6), \
         "the same batches with and without workers"
+    # batched in the training process (in-memory images: no worker reads them): the same batches again
+    batched = dict(cfg, augment=dict(aug, batched=True))
+    trial = FineTuneTrial(batched)
+    assert trial.augment is not None and trial.loaders["train"].loader.num_workers == 0
+    on_device = []
+    trial.fit(lambda m, d: on_device.append(m), checkpoint=False)
+    assert [m["train/loss"] for m in on_device] == pytest.approx([m["train/loss"] for m in straight], rel=1e-6)
+    (tmp_path / "batched").mkdir()
+    _, rest, _ = straight_and_resumed(batched, tmp_path / "batched")
+    assert [m["train/loss"] for m in rest] == pytest.approx([m["train/loss"] for m in straight[1:]], rel=1e-6)
 
 
 def test_replicates_differ_and_a_trial_index_fixes_the_seed(tiny):

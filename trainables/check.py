@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any, Dict, Iterable, List, Tuple
 
-from trainables.config import TrialConfig
+from trainables.config import READING_FIELDS, TrialConfig
 
 
 class CheckError(ValueError):
@@ -76,7 +76,7 @@ def describe_data(cfg: Any, data: Any) -> Dict[str, Any]:
 
     splits = {"train": len(data.train), "val": len(data.val), "test": len(data.test),
               "unlabeled": len(data.unlabeled) if data.unlabeled is not None else 0}
-    source = cfg.model_dump(mode="json", exclude={"num_workers", "cache"})
+    source = cfg.model_dump(mode="json", exclude=set(READING_FIELDS))
     digest = hashlib.sha256(json.dumps([source, splits, list(data.classes)], sort_keys=True).encode()).hexdigest()[:16]
     return {"name": cfg.name, "digest": digest, "source": source, "splits": splits, "classes": len(data.classes)}
 

@@ -57,6 +57,10 @@ def _default(kind: str, name: str):
 # --------------------------------------------------------------------------- data
 
 
+# Data fields that say how the images are read, not which: a data set's identity leaves them out.
+READING_FIELDS = frozenset({"num_workers", "cache", "decode"})
+
+
 class DataConfig(Section):
     """Fields every data set takes; a data set adds its own (``root``, ``target``, ...)."""
 
@@ -73,9 +77,16 @@ class DataConfig(Section):
     # digits ["0", "1", "2", "3", "4"]); default every class
     classes: Optional[List[str]] = None
     seed: int = 0  # fixes the splits
-    num_workers: Optional[int] = Field(None, ge=0)  # DataLoader workers; default: the trial's CPUs - 1
+    # DataLoader workers that read files (decode them, unless decode is on the device) or run
+    # per-image augmentation; default: the trial's CPUs - 1. Images in memory or in the cache
+    # are read in the training process.
+    num_workers: Optional[int] = Field(None, ge=0)
     # decoded images cached on the node's disk, shared by its trials (trainables/data/cache.py)
     cache: Literal["auto", "off"] = "auto"
+    # where JPEGs read from files (not from the cache) are decoded: device = batched in the
+    # training process on the trial's device (nvJPEG on a GPU); workers = with PIL in the
+    # DataLoader workers; auto = device on CUDA when every file is a JPEG, else workers
+    decode: Literal["auto", "device", "workers"] = "auto"
 
     @field_validator("classes", mode="before")
     @classmethod
@@ -212,7 +223,8 @@ class TrainConfig(Section):
 
 
 class AugmentConfig(Section):
-    """Training-time augmentation: per image (torchvision.transforms.v2), then per batch."""
+    """Training-time augmentation: per image (torchvision.transforms.v2; batched on the trial's
+    device when it can), then per batch (CutMix / MixUp)."""
 
     hflip: bool = False
     rotation: float = Field(0.0, ge=0, le=180)  # degrees, +-
@@ -223,6 +235,11 @@ class AugmentConfig(Section):
     cutmix_alpha: float = Field(0.0, ge=0)  # CutMix / MixUp per batch: soft targets
     mixup_alpha: float = Field(0.0, ge=0)
     mix_prob: float = Field(1.0, ge=0, le=1)
+    # apply the per-image steps to whole batches in the training process, on the trial's device
+    # (its GPU when it has one), each image under its own seed: the DataLoader only reads
+    # images. TrivialAugment and key points stay per image in the workers. false: all per image
+    # in the workers.
+    batched: bool = True
 
 
 class SemiConfig(Section):

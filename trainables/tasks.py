@@ -298,11 +298,18 @@ class TargetedSet(ImageSet):
     def __getitem__(self, i: int):
         return self.base[i][0], torch.from_numpy(self.values[i])
 
+    def target(self, i: int):
+        return torch.from_numpy(self.values[i])
+
     def files(self):
         return self.base.files()
 
     def table(self):
         return self.base.table()
+
+    @property
+    def in_memory(self) -> bool:
+        return self.base.in_memory
 
 
 class Tasks:

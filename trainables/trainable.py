@@ -22,10 +22,11 @@ import torch
 import torch.nn.functional as F
 
 from trainables import metrics as M
-from trainables.config import TrialConfig, TrialSections
+from trainables.config import READING_FIELDS, TrialConfig, TrialSections
 from trainables.data import build_data
-from trainables.data.loaders import eval_loader, seeded_loader, workers
-from trainables.data.transforms import train_transform
+from trainables.data.decode import decodable
+from trainables.data.loaders import eval_loader, read_workers, seeded_loader, workers
+from trainables.data.transforms import BatchAugment, train_transform
 from trainables.losses import LOSSES, SEMI, LossComponent
 from trainables.mixing import BatchMix, class_weights
 from trainables.models import build_backbone
@@ -86,6 +87,7 @@ class FineTuneTrial:
         shape = (1, 3, 1, 1)
         self.mean = torch.tensor(self.backbone.mean, device=self.device).view(shape)
         self.std = torch.tensor(self.backbone.std, device=self.device).view(shape)
+        self.scale, self.shift = 1.0 / (255.0 * self.std), -self.mean / self.std
         self.enter_phase(0)
 
     def sections(self, index: int) -> TrialSections:
@@ -142,11 +144,18 @@ class FineTuneTrial:
         transform = train_transform(a, s.data.image_size)
         if self.tasks is not None:  # key points move with the pixels
             transform = self.tasks.train_transform(transform, s.data.image_size)
-        self.loaders = {"train": seeded_loader(self.data.train, transform, t.batch_size,
-                                               self.generator, self.num_workers, self.pin_memory, per_item)}
+        self.augment = BatchAugment.of(transform) if a.batched else None
+        per_image = transform is not None and self.augment is None  # runs in the workers, on decoded images
+        # JPEG files decoded on the device (all splits alike), unless a per-image transform needs the workers to
+        on_device = not per_image and decodable(self.data.train, s.data.decode, self.device)
+        self.decode_size = s.data.image_size if on_device else None
+        self.loaders = {"train": seeded_loader(
+            self.data.train, transform, t.batch_size, self.generator,
+            read_workers(self.data.train, self.num_workers, per_image), self.pin_memory, per_item,
+            augment=self.augment, device=self.device, decode_size=self.decode_size)}
         eval_bs = t.eval_batch_size or 2 * t.batch_size
         for split in ("val", "test"):
-            self.loaders[split] = eval_loader(getattr(self.data, split), eval_bs, self.num_workers, self.pin_memory)
+            self.loaders[split] = self._eval_loader(getattr(self.data, split), eval_bs)
 
         self.forward = getattr(self, "compiled", self.model)  # the suffix alone when the frozen prefix's outputs are cached
         self.use_feature_cache(s, index)
@@ -163,6 +172,21 @@ class FineTuneTrial:
                 self.optimizer.add_param_group({"params": params, "lr": t.lr, "base_lr": t.lr, "joined": 0,
                                                 "name": f"losses.{name}"})
         self._probe(t.supervised == "probe")
+
+    def _read_batch(self, images, indices) -> torch.Tensor:
+        """Images ``indices`` of ``images`` as one uint8 batch, decoded as the phase decodes them."""
+        if self.decode_size:
+            from trainables.data.decode import decode_batch, read_bytes
+
+            paths = [images.files()[i] for i in indices]
+            return decode_batch([read_bytes(f) for f in paths], paths, self.decode_size, self.device)
+        return torch.stack([images[i][0] for i in indices])
+
+    def _eval_loader(self, images, batch_size: int):
+        """Images in order, read and decoded as the phase's training images are."""
+        on_device = self.decode_size and decodable(images, self.phase_cfg.data.decode, self.device)
+        return eval_loader(images, batch_size, read_workers(images, self.num_workers), self.pin_memory,
+                           device=self.device, decode_size=self.decode_size if on_device else None)
 
     def _probe(self, on: bool) -> None:
         """train.supervised probe: the head's input is detached, so the supervised loss trains the
@@ -215,7 +239,7 @@ class FineTuneTrial:
         source = _file_digest(weights) if weights not in ("imagenet", "none") else weights
         prepared = type(self.strategy).prepare is not Strategy.prepare  # a prepare hook may change the prefix
         base = {"v": 1, "model": cfg.model.name, "weights": source, "seed": self.seed if weights == "none" else None,
-                "k": k, "data": s.data.model_dump(mode="json", exclude={"num_workers", "cache"}),
+                "k": k, "data": s.data.model_dump(mode="json", exclude=set(READING_FIELDS)),
                 "strategy": st.model_dump(mode="json") if prepared else st.name, "amp": self.amp,
                 "device": self.device.type, "channels_last": self.channels_last}
         prefix = [n for g in self.backbone.groups[:k] for n in g.params]
@@ -261,12 +285,19 @@ class FineTuneTrial:
         self.model.eval()
         if augmented:
             seeds = torch.Generator().manual_seed(self.seed * 7919 + view)
-            keyed = SeededView(images, transform)
             order = [(i, int(torch.randint(0, 2**62, (), generator=seeds))) for i in range(len(images))]
             batches = (order[i : i + batch_size] for i in range(0, len(order), batch_size))
-            loader = (torch.utils.data.default_collate([keyed[key] for key in chunk]) for chunk in batches)
+            augment = BatchAugment.of(transform) if self.phase_cfg.augment.batched else None
+            if augment is not None:  # the same views, made on the device
+                from trainables.data.loaders import on_device
+
+                loader = ((on_device(augment, self._read_batch(images, [i for i, _ in chunk]), [k for _, k in chunk],
+                                     self.device), None) for chunk in batches)
+            else:
+                keyed = SeededView(images, transform)
+                loader = (torch.utils.data.default_collate([keyed[key] for key in chunk]) for chunk in batches)
         else:
-            loader = eval_loader(images, batch_size, self.num_workers, self.pin_memory)
+            loader = self._eval_loader(images, batch_size)
         for x, _ in loader:
             with self.autocast():
                 yield tuple(o.float() if not self.amp else o for o in split.prefix(self.inputs(x)))
@@ -298,8 +329,9 @@ class FineTuneTrial:
         (cached prefix outputs, a tuple, only go to the device)."""
         if isinstance(x, (tuple, list)):
             return tuple(a.to(self.device, non_blocking=True) for a in x)
-        x = x.to(self.device, non_blocking=True).float().div_(255.0)
-        x = (x - self.mean) / self.std
+        x = x.to(self.device, non_blocking=True)
+        # (x / 255 - mean) / std as one scale and one shift, in place on the one float copy
+        x = (x.float() if x.dtype != torch.float32 else x.clone()).mul_(self.scale).add_(self.shift)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return x

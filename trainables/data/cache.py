@@ -76,6 +76,10 @@ class CachedImageSet(ImageSet):
     def table(self):
         return self._table
 
+    @property
+    def in_memory(self) -> bool:
+        return True
+
 
 def cached(pool: ImageSet, size: int, mode: str = "auto", workers: int = 0) -> ImageSet:
     """``pool`` read from the node's cache (filled on first use), or ``pool`` itself when it is

@@ -38,6 +38,16 @@ class ImageSet(Dataset):
         ``trainables.data.table.Table``: the targets of trainables/tasks.py), else None."""
         return None
 
+    def target(self, i: int):
+        """Item ``i``'s target without reading its image."""
+        return int(self.targets[i])
+
+    @property
+    def in_memory(self) -> bool:
+        """Reading an image is a copy (in memory, or memory-mapped from the decoded-image
+        cache): no decoding, no resizing, so no DataLoader worker is needed to read it."""
+        return False
+
 
 class Relabelled(ImageSet):
     def __init__(self, base: ImageSet, mapping: np.ndarray):
@@ -54,6 +64,10 @@ class Relabelled(ImageSet):
     def table(self):
         return self.base.table()
 
+    @property
+    def in_memory(self) -> bool:
+        return self.base.in_memory
+
 
 class Subset(ImageSet):
     def __init__(self, base: ImageSet, indices: np.ndarray):
@@ -62,6 +76,9 @@ class Subset(ImageSet):
 
     def __getitem__(self, i: int):
         return self.base[int(self.indices[i])]
+
+    def target(self, i: int):
+        return self.base.target(int(self.indices[i]))
 
     def subset(self, indices: Sequence[int]) -> "ImageSet":
         # Compose onto the source, so ``indices`` always count in the original data set.
@@ -74,6 +91,10 @@ class Subset(ImageSet):
     def table(self):
         base = self.base.table()
         return None if base is None else base.take(self.indices)
+
+    @property
+    def in_memory(self) -> bool:
+        return self.base.in_memory
 
 
 def square_resize(img: torch.Tensor, size: int) -> torch.Tensor:
@@ -106,6 +127,10 @@ class TensorImageSet(ImageSet):
         if self._resized is not None:
             return self._resized[i], int(self.targets[i])
         return square_resize(self.images[i], self.image_size), int(self.targets[i])
+
+    @property
+    def in_memory(self) -> bool:
+        return self._resized is not None or self.images.shape[-2:] == (self.image_size, self.image_size)
 
 
 class FileImageSet(ImageSet):
@@ -148,3 +173,7 @@ class TableImageSet(ImageSet):
 
     def table(self):
         return self._table
+
+    @property
+    def in_memory(self) -> bool:
+        return self.images.in_memory

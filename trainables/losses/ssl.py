@@ -172,7 +172,7 @@ class Pretext(LossComponent):
             return
         import torch
 
-        from trainables.data.loaders import seeded_loader
+        from trainables.data.loaders import read_workers, seeded_loader
 
         t = trial
         self.encoder_head = head_module(t.model, t.backbone)
@@ -186,7 +186,8 @@ class Pretext(LossComponent):
                              "(data.label_fraction is 1); use source both or labeled, or a label_fraction below 1")
         if cfg.source != "labeled" and size:
             batch = max(1, int(round(cfg.unlabeled_ratio * t.phase_cfg.train.batch_size)))
-            self.loader = seeded_loader(pool, None, batch, self.generator, t.num_workers, t.pin_memory)
+            self.loader = seeded_loader(pool, None, batch, self.generator, read_workers(pool, t.num_workers),
+                                        t.pin_memory)
 
     @property
     def active(self) -> bool:
