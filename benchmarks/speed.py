@@ -13,10 +13,12 @@ Prints a table, then, last, one JSON line:
 - feature_cache_speedup: a 10-epoch linear probe (resnet18, 224 px), wall clock without the
   frozen-prefix feature cache over with it, its one-off pass over the images included.
 - overhead_s_per_trial: seconds per trial through tl-sweep beyond raw Ray Tune + Optuna + ASHA
-  running the same trial function on the same tiny config (the slopes over N trials).
-- sweep_fixed_s: what a tl-sweep sweep costs beyond its trials (the intercept: start, checks,
-  MLflow, shutdown), whole command.
-- slot_utilisation: busy trial-slot seconds over available ones, 8 short trials on 2 slots
+  running the same trial function on the same tiny config, 8 trials 2 at a time: each one's
+  trials' span (first start to last end as its driver saw them: MLflow runs, a Tune callback)
+  times 2 over 8.
+- sweep_fixed_s: what a tl-sweep sweep costs beyond its trials: the whole command (start,
+  checks, MLflow, Tune's start, the end: summary, best model, report, shutdown) less that span.
+- slot_utilisation: busy trial-slot seconds over available ones in the same 8-trial sweep
   (from the trials' MLflow start and end times).
 - checkpoint_ratio: bytes of a linear probe's per-epoch checkpoint over a full model's.
 - asha_epoch_fraction, asha_acc_gap_pt: ASHA + TPE against FIFO + random search on the same
@@ -154,7 +156,6 @@ def run_tl_sweep(work: Path, n: int, name: str) -> tuple:
 
 RAW = r'''
 import sys, json, time
-t0 = time.perf_counter()
 import ray
 from ray import tune
 from ray.tune.search.optuna import OptunaSearch
@@ -167,46 +168,63 @@ def trial(config):
     cfg = dict(tiny, train=dict(tiny["train"], lr=config["lr"]))
     FineTuneTrial(cfg).fit(lambda m, d: tune.report({"val/acc": m["val/acc"], "epoch": m["epoch"]}), checkpoint=False)
 
+class Spans(tune.Callback):  # when each trial starts and ends, as the driver sees it (tl-sweep's MLflow runs do the same)
+    starts, ends = {}, {}
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self.starts[trial.trial_id] = time.time()
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self.ends[trial.trial_id] = time.time()
+
 ray.init(include_dashboard=False, log_to_driver=False, logging_level="ERROR")
 search = OptunaSearch({"lr": optuna.distributions.FloatDistribution(1e-4, 1e-2, log=True)}, metric="val/acc", mode="max",
                       sampler=optuna.samplers.TPESampler(seed=0))
 tune.Tuner(tune.with_resources(trial, {"cpu": 1}), tune_config=tune.TuneConfig(search_alg=search,
            scheduler=ASHAScheduler(time_attr="epoch", metric="val/acc", mode="max", max_t=1), num_samples=n,
-           reuse_actors=True), run_config=tune.RunConfig(storage_path=sys.argv[3], verbose=0)).fit()
+           reuse_actors=True), run_config=tune.RunConfig(storage_path=sys.argv[3], verbose=0, callbacks=[Spans()])).fit()
 ray.shutdown()
+print("SPANS", json.dumps([[Spans.starts[k], Spans.ends[k]] for k in Spans.ends]))
 '''
 
 
-def run_raw(work: Path, n: int) -> float:
+def run_raw(work: Path, n: int) -> tuple:
     env = dict(os.environ, PYTHONPATH=str(REPO), TUNE_MAX_PENDING_TRIALS_PG="2", RAY_AIR_NEW_OUTPUT="0")
     t, r = time_it(lambda: subprocess.run([sys.executable, "-c", RAW, str(n), json.dumps(TINY), str(work / "raw")],
                                           capture_output=True, text=True, env=env))
     if r.returncode:
         raise RuntimeError(r.stdout + r.stderr)
-    return t
+    line = [x for x in r.stdout.splitlines() if x.startswith("SPANS ")][-1]
+    return t, [tuple(s) for s in json.loads(line[6:])]
 
 
-def slot_utilisation(storage: Path, name: str, slots: int = 2) -> float:
+def trial_spans(storage: Path, name: str) -> list:
+    """(start, end) in seconds of each trial of sweep ``name``: its MLflow run's."""
     from mlflow.tracking import MlflowClient
 
     metas = [json.loads(p.read_text()) for p in storage.glob("*/sweep.json")]
     meta = [m for m in metas if m["name"] == name][-1]
     client = MlflowClient(f"sqlite:///{storage / 'mlflow.db'}")
     runs = client.search_runs([meta["experiment_id"]], filter_string=f"tags.`mlflow.parentRunId` = '{meta['parent_run_id']}'")
-    spans = [(r.info.start_time, r.info.end_time) for r in runs]
+    return [(r.info.start_time / 1000, r.info.end_time / 1000) for r in runs]
+
+
+def utilisation(spans: list, slots: int = 2) -> float:
     busy = sum(e - s for s, e in spans)
     return busy / (slots * (max(e for _, e in spans) - min(s for s, _ in spans)))
 
 
-def bench_orchestration(work: Path, few: int, many: int) -> dict:
-    tl = {n: run_tl_sweep(work, n, f"orch{n}")[0] for n in (few, many)}
-    raw = {n: run_raw(work, n) for n in (few, many)}
-    slope_tl = (tl[many] - tl[few]) / (many - few)
-    slope_raw = (raw[many] - raw[few]) / (many - few)
-    _, storage = run_tl_sweep(work, 8, "slots8")
-    return {"tl_sweep_s": tl, "raw_tune_s": raw, "per_trial_tl_s": slope_tl, "per_trial_raw_s": slope_raw,
-            "overhead_s_per_trial": slope_tl - slope_raw, "sweep_fixed_s": tl[few] - few * slope_tl,
-            "raw_fixed_s": raw[few] - few * slope_raw, "slot_utilisation": slot_utilisation(storage, "slots8")}
+def bench_orchestration(work: Path, n: int, slots: int = 2) -> dict:
+    """One tl-sweep and one raw Ray Tune + Optuna + ASHA run of the same n trivial trials, 2 at
+    a time. Per trial: the trials' span (first start to last end, as each driver saw them) times
+    the slots over n; fixed: the whole command less that span."""
+    tl_s, storage = run_tl_sweep(work, n, f"orch{n}")
+    tl = trial_spans(storage, f"orch{n}")
+    raw_s, raw = run_raw(work, n)
+    span = {k: max(e for _, e in v) - min(s for s, _ in v) for k, v in (("tl", tl), ("raw", raw))}
+    per = {k: span[k] * slots / n for k in span}
+    return {"tl_sweep_s": tl_s, "raw_tune_s": raw_s, "tl_trials_span_s": span["tl"], "raw_trials_span_s": span["raw"],
+            "per_trial_tl_s": per["tl"], "per_trial_raw_s": per["raw"],
+            "overhead_s_per_trial": per["tl"] - per["raw"], "sweep_fixed_s": tl_s - span["tl"],
+            "raw_fixed_s": raw_s - span["raw"], "slot_utilisation": utilisation(tl, slots)}
 
 
 # --------------------------------------------------------------------------- 4. checkpoints
@@ -289,7 +307,7 @@ def main() -> None:
     steps = {
         "decoded": lambda: bench_decoded(work, per_class=50 if q else 150),
         "features": lambda: bench_features(work, per_class=50 if q else 150),
-        "orchestration": lambda: bench_orchestration(work, few=2 if q else 4, many=6 if q else 12),
+        "orchestration": lambda: bench_orchestration(work, n=8 if q else 16),
         "checkpoints": lambda: bench_checkpoints(work),
         "search": lambda: bench_search(work, seeds=2 if q else 3, trials=12 if q else 16, epochs=9),
     }

@@ -74,6 +74,19 @@ def check_configs(spec: Spec) -> List[Tuple[str, Dict[str, Any]]]:
     return out
 
 
+def _import_trial_modules() -> None:
+    """Import the trial's modules (torch among them, ~3 s) in a thread, while a worker runs the
+    checks: the Tuner needs them next (it sends the trial function), the best model after. A
+    later import of them waits for this one; a failed check exits without it."""
+    import threading
+
+    def work():
+        with contextlib.suppress(Exception):  # a real import error is raised where the module is used
+            import trainables.trainable  # noqa: F401
+
+    threading.Thread(target=work, name="tl-sweep-imports", daemon=True).start()
+
+
 def run_checks(spec: Spec) -> None:
     """``trainables.check`` as a Ray task with a trial's resources (GPU aside), so it runs on a
     node where trials run: the data set and the weights must be there, not on this machine."""
@@ -83,7 +96,9 @@ def run_checks(spec: Spec) -> None:
 
     task = ray.remote(check_each).options(num_cpus=spec.resources.cpu, resources=dict(spec.resources.custom) or None,
                                           max_retries=0)
-    result = ray.get(task.remote(check_configs(spec)))
+    pending = task.remote(check_configs(spec))
+    _import_trial_modules()
+    result = ray.get(pending)
     problems = result["problems"]
     if problems:
         lines = []
