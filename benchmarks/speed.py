@@ -1,6 +1,6 @@
 """Fast trials, measured side by side on this machine (issue "Fast trials").
 
-    python benchmarks/speed.py --quick        # about 10-15 minutes on 2 CPU cores
+    python benchmarks/speed.py --quick        # about 4 minutes on 2 CPU cores
     python benchmarks/speed.py                # larger data, more seeds
 
 Prints a table, then, last, one JSON line:
