@@ -23,3 +23,5 @@ python3 benchmarks/trainable_overhead.py --device cuda --threads 4 --epochs 3 | 
 echo "== several trials on one GPU"
 python3 benchmarks/gpu_sharing.py --model resnet18 --image-size 128 --batch-size 64 --trials 1 2 4
 python3 benchmarks/gpu_sharing.py --model resnet50 --image-size 224 --batch-size 64 --trials 1 2 4
+echo "== a trial's training input: the decoded-image cache, PIL in 8 workers, nvJPEG; then ResNet-50 fed from the cache"
+python3 benchmarks/input_pipeline.py --device cuda --workers 8 --images 2000 --batch-size 128 --train
