@@ -138,7 +138,7 @@ def test_a_quantized_model_runs_is_smaller_and_keeps_its_accuracy(trained, mode)
                                    torch.randn(2, 3, 32, 32))
     with torch.no_grad():
         assert quantized(torch.randn(3, 3, 32, 32)).shape == (3, 10)  # any batch size
-    assert abs(C.accuracy(quantized, test) - float_acc) <= ACC_BOUND
+    assert abs(C.accuracy(quantized, test) - float_acc) <= ACC_BOUND + 1e-9  # 5 images; the accuracies are float ratios
     int8 = [k for k, v in stored.items() if getattr(v, "dtype", None) == torch.int8 or "Int8" in type(v).__name__]
     if mode == "dynamic":  # the classifier only: a CNN keeps its convolutions in float
         assert int8 == ["classifier.weight"]
