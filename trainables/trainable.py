@@ -241,7 +241,8 @@ class FineTuneTrial:
         base = {"v": 1, "model": cfg.model.name, "weights": source, "seed": self.seed if weights == "none" else None,
                 "k": k, "data": s.data.model_dump(mode="json", exclude=set(READING_FIELDS)),
                 "strategy": st.model_dump(mode="json") if prepared else st.name, "amp": self.amp,
-                "device": self.device.type, "channels_last": self.channels_last}
+                "device": self.device.type, "channels_last": self.channels_last,
+                "decoded_on_device": bool(self.decode_size)}  # nvJPEG's pixels may differ from PIL's by a level
         prefix = [n for g in self.backbone.groups[:k] for n in g.params]
         trained = sorted(set(prefix) & self.touched)  # weights of the prefix an earlier phase trained
         if trained:  # then the prefix is not its source's: key the cache by what the weights are now
