@@ -34,7 +34,7 @@ from torchvision.transforms import v2
 
 from trainables import metrics as M
 from trainables.config import ClassTarget, KeypointsTarget, RegressionTarget, TargetConfig
-from trainables.data.images import ImageSet
+from trainables.data.images import Derived, ImageSet
 from trainables.data.sets import DataError
 from trainables.data.table import Table, class_codes, class_names
 
@@ -287,7 +287,7 @@ class KeypointsTask(Task):
 KINDS = {"class": ClassTask, "regression": RegressionTask, "keypoints": KeypointsTask}
 
 
-class TargetedSet(ImageSet):
+class TargetedSet(Derived):
     """A split with each image's target vector (the tasks' columns encoded) in place of its
     class; ``values`` holds them all (the feature cache stores them beside the features)."""
 
@@ -300,16 +300,6 @@ class TargetedSet(ImageSet):
 
     def target(self, i: int):
         return torch.from_numpy(self.values[i])
-
-    def files(self):
-        return self.base.files()
-
-    def table(self):
-        return self.base.table()
-
-    @property
-    def in_memory(self) -> bool:
-        return self.base.in_memory
 
 
 class Tasks:

@@ -178,7 +178,8 @@ class FineTuneTrial:
         if self.decode_size:
             from trainables.data.decode import decode_batch, read_bytes
 
-            paths = [images.files()[i] for i in indices]
+            files = images.files()
+            paths = [files[i] for i in indices]
             return decode_batch([read_bytes(f) for f in paths], paths, self.decode_size, self.device)
         return torch.stack([images[i][0] for i in indices])
 

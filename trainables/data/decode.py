@@ -15,6 +15,7 @@ from typing import Any, List
 import torch
 from torch.utils.data import Dataset, default_collate
 
+from trainables.data.loaders import FinishedHere, on_device
 from trainables.data.sets import DataError
 
 JPEG_SUFFIXES = (".jpg", ".jpeg")
@@ -80,31 +81,15 @@ def decode_batch(data: List[torch.Tensor], paths: List[Any], size: int, device: 
     return torch.stack([square_resize(im, size) for im in images])
 
 
-class DeviceDecoded:
+class DeviceDecoded(FinishedHere):
     """A loader of an EncodedView whose batches leave decoded, resized and (with ``augment``)
     augmented on ``device``; its workers only read files."""
 
     def __init__(self, loader, size: int, device: torch.device, augment=None):
-        self.loader, self.size, self.device, self.augment = loader, size, device, augment
-
-    @property
-    def sampler(self):
-        return self.loader.sampler
-
-    @property
-    def dataset(self):
-        return self.loader.dataset
-
-    @property
-    def num_workers(self) -> int:
-        return self.loader.num_workers
-
-    def __len__(self) -> int:
-        return len(self.loader)
+        super().__init__(loader, device, augment)
+        self.size = size
 
     def __iter__(self):
-        from trainables.data.loaders import on_device
-
         paths = self.loader.dataset.paths
         for data, y, index, seeds in self.loader:
             x = decode_batch(data, [paths[i] for i in index.tolist()], self.size, self.device)

@@ -49,14 +49,11 @@ class ImageSet(Dataset):
         return False
 
 
-class Relabelled(ImageSet):
-    def __init__(self, base: ImageSet, mapping: np.ndarray):
-        self.base, self.mapping = base, mapping
-        self.targets = mapping[base.targets]
+class Derived(ImageSet):
+    """An image set made from ``base`` (other targets, a subset): its files, rows and reads are
+    the base's unless it says otherwise."""
 
-    def __getitem__(self, i: int):
-        image, target = self.base[i]
-        return image, int(self.mapping[target])
+    base: ImageSet
 
     def files(self) -> Optional[List[Path]]:
         return self.base.files()
@@ -69,7 +66,17 @@ class Relabelled(ImageSet):
         return self.base.in_memory
 
 
-class Subset(ImageSet):
+class Relabelled(Derived):
+    def __init__(self, base: ImageSet, mapping: np.ndarray):
+        self.base, self.mapping = base, mapping
+        self.targets = mapping[base.targets]
+
+    def __getitem__(self, i: int):
+        image, target = self.base[i]
+        return image, int(self.mapping[target])
+
+
+class Subset(Derived):
     def __init__(self, base: ImageSet, indices: np.ndarray):
         self.base, self.indices = base, indices
         self.targets = base.targets[indices]
@@ -91,10 +98,6 @@ class Subset(ImageSet):
     def table(self):
         base = self.base.table()
         return None if base is None else base.take(self.indices)
-
-    @property
-    def in_memory(self) -> bool:
-        return self.base.in_memory
 
 
 def square_resize(img: torch.Tensor, size: int) -> torch.Tensor:

@@ -65,13 +65,12 @@ class SeededView(Dataset):
         return (x, y, seed) if self.with_seed else (x, y)
 
 
-class DeviceAugmented:
-    """A training loader whose batches are augmented in the training process, on ``device``
-    (a BatchAugment): the DataLoader (and its workers, if any) only reads uint8 images. On
-    CUDA the pixels become float there, once, before the augmentation."""
+class FinishedHere:
+    """A DataLoader whose batches the training process finishes (on the trial's device) before
+    the loop gets them; the loader's sampler, dataset, workers and length show through."""
 
-    def __init__(self, loader: DataLoader, augment, device: torch.device):
-        self.loader, self.augment, self.device = loader, augment, device
+    def __init__(self, loader: DataLoader, device: torch.device, augment=None):
+        self.loader, self.device, self.augment = loader, device, augment
 
     @property
     def sampler(self):
@@ -87,6 +86,12 @@ class DeviceAugmented:
 
     def __len__(self) -> int:
         return len(self.loader)
+
+
+class DeviceAugmented(FinishedHere):
+    """A training loader whose batches are augmented in the training process, on ``device``
+    (a BatchAugment): the DataLoader (and its workers, if any) only reads uint8 images. On
+    CUDA the pixels become float there, once, before the augmentation."""
 
     def __iter__(self):
         for x, y, seeds in self.loader:
@@ -125,16 +130,15 @@ def seeded_loader(data: Dataset, transform, batch_size: int, generator: torch.Ge
     with ``decode_size`` the workers read JPEG bytes, decoded and resized on ``device``
     (trainables/data/decode.py)."""
     device = device or torch.device("cpu")
+    sampler = EpochSampler(len(data), generator, weights)
     if decode_size:
         from trainables.data.decode import DeviceDecoded, EncodedView, collate_encoded
 
-        loader = _loader(EncodedView(data, seeded=True), EpochSampler(len(data), generator, weights), batch_size,
-                         num_workers, pin_memory, collate_encoded)
+        loader = _loader(EncodedView(data, seeded=True), sampler, batch_size, num_workers, pin_memory, collate_encoded)
         return DeviceDecoded(loader, decode_size, device, augment)
-    sampler = EpochSampler(len(data), generator, weights)
     if augment is not None:
         loader = _loader(SeededView(data, None, with_seed=True), sampler, batch_size, num_workers, pin_memory)
-        return DeviceAugmented(loader, augment, device)
+        return DeviceAugmented(loader, device, augment)
     return _loader(SeededView(data, transform), sampler, batch_size, num_workers, pin_memory)
 
 
