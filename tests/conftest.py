@@ -109,6 +109,19 @@ def run_cli(args: List[str], cwd: Path, timeout: int = 600, env: Dict | None = N
     return subprocess.run(cmd + args, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=full_env)
 
 
+def assert_epochs_close(got: List[tuple], want: List[tuple], rel: float, why: str = "") -> None:
+    """Two runs' per-epoch rows of figures (``(train/loss, val/acc, ...)`` each) agree field by
+    field within ``rel`` (pytest.approx takes no nested data); a None field must be None in both."""
+    assert len(got) == len(want), f"{len(got)} epochs against {len(want)}"
+    for epoch, (g, w) in enumerate(zip(got, want), start=1):
+        assert len(g) == len(w), f"epoch {epoch}: {len(g)} fields against {len(w)}"
+        for field, (a, b) in enumerate(zip(g, w)):
+            if a is None or b is None:
+                assert a is None and b is None, f"epoch {epoch}, field {field}: {a!r} against {b!r}"
+            else:
+                assert a == pytest.approx(b, rel=rel), f"epoch {epoch}, field {field}: {a!r} against {b!r}. {why}"
+
+
 def save_jpeg(path: Path, rgb: tuple, size: int = 24, seed: int = 0) -> None:
     from PIL import Image
 

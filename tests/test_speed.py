@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import save_jpeg, trial_config
+from conftest import assert_epochs_close, save_jpeg, trial_config
 from trainables.data import build_data
 from trainables.data.cache import CachedImageSet, cache_root
 from trainables.trainable import FineTuneTrial
@@ -83,7 +83,7 @@ def test_training_with_the_cache_is_training_without_it(tmp_path, monkeypatch, b
         assert trial.loaders["train"].loader.num_workers == want
         trial.fit(lambda m, d: reports.append(m), checkpoint=False)
         runs[mode] = [(m["train/loss"], m["val/acc"]) for m in reports]
-    assert runs["auto"] == pytest.approx(runs["off"], rel=1e-6), "same seeds, same pixels: the same trial"
+    assert_epochs_close(runs["auto"], runs["off"], rel=1e-6, why="same seeds, same pixels: the same trial")
 
 
 @pytest.mark.parametrize("model, last", [("resnet18", 0), ("resnet18", 1), ("timm:tf_efficientnet_lite0", 2)])
@@ -139,7 +139,7 @@ def test_a_prefix_an_earlier_phase_trained_is_cached_from_its_trained_weights(tm
         trial.fit(lambda m, d: reports.append(m), checkpoint=False)
         runs[mode] = [(m["train/loss"], m["val/loss"]) for m in reports]
         assert (trial.feature_sets is not None) == (mode == "auto")
-    assert runs["auto"] == pytest.approx(runs["off"], rel=5e-3)
+    assert_epochs_close(runs["auto"], runs["off"], rel=5e-3)
     base_spec["strategy"]["feature_cache"] = "auto"
     first = FineTuneTrial(trial_config(base_spec))
     for _ in range(2):  # phase "all", then the probe's first epoch
@@ -244,7 +244,7 @@ def test_jpegs_decoded_on_the_device_train_as_the_workers_decoding_them(tmp_path
         reports = []
         trial.fit(lambda m, d: reports.append(m), checkpoint=False)
         runs[mode] = [(m["train/loss"], m["val/acc"], m["test/acc"] if "test/acc" in m else None) for m in reports]
-    assert runs["device"] == pytest.approx(runs["workers"], rel=1e-6)
+    assert_epochs_close(runs["device"], runs["workers"], rel=1e-6)
     data = build_data(folder_cfg(root, cache="off"))
     assert not decodable(data.train, "auto", torch.device("cpu")), "auto decodes on the device on CUDA only"
     assert decodable(data.train, "device", torch.device("cpu")) and not decodable(data.train, "workers", torch.device("cpu"))
